@@ -1,0 +1,196 @@
+"""nodeagent's build script and in-tree PEP 517 build backend.
+
+Two roles, one file:
+
+* PEP 517 backend (``[build-system] build-backend = "build"``, ``backend-path =
+  ["."]`` in pyproject.toml).  Each hook first has cffi emit the C source of the
+  ``agent._linux`` extension into ``csrc/generated/_linux.c`` (git-ignored), then
+  delegates to ``setuptools.build_meta``, which compiles the extension declared
+  under ``[tool.setuptools] ext-modules`` in pyproject.toml.  This is what
+  ``pip install .`` and ``pip install -e .`` run.
+
+* Developer CLI, ``python build.py COMMAND``::
+
+      python build.py ext      # build agent/_linux*.so in place (development)
+      python build.py gen      # only emit csrc/generated/_linux.c
+
+  Later commands (static, check-size, initramfs) are added as further
+  subcommands in ``main()``.
+
+Single source of truth: the cffi declarations live in ``csrc/linux_cdef.h``, the
+C wrappers in ``csrc/linux.h``/``csrc/linux.c``, and the extension's sources and
+flags in pyproject.toml; this file only reads them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+CSRC = ROOT / "csrc"
+CDEF = CSRC / "linux_cdef.h"
+GENERATED_C = CSRC / "generated" / "_linux.c"
+MODULE = "agent._linux"
+
+# What the cffi-generated C file contains besides its own glue: the header of
+# the wrappers (found through include-dirs = ["csrc"]).
+_C_PRELUDE = '#include "linux.h"\n'
+
+
+# --------------------------------------------------------------------------
+# cffi source generation (shared by the backend and the CLI)
+
+
+def make_ffibuilder():
+    """The cffi FFI builder for agent._linux, from csrc/linux_cdef.h."""
+    from cffi import FFI
+
+    ffibuilder = FFI()
+    ffibuilder.cdef(CDEF.read_text(encoding="utf-8"))
+    ffibuilder.set_source(MODULE, _C_PRELUDE)
+    return ffibuilder
+
+
+def generate_c(verbose: bool = False) -> Path:
+    """Emit csrc/generated/_linux.c; the file is only rewritten when it changes
+    (cffi compares contents), so builds do not recompile needlessly."""
+    GENERATED_C.parent.mkdir(parents=True, exist_ok=True)
+    make_ffibuilder().emit_c_code(str(GENERATED_C))
+    if verbose:
+        print(f"generated {GENERATED_C.relative_to(ROOT)}")
+    return GENERATED_C
+
+
+# --------------------------------------------------------------------------
+# PEP 517 / PEP 660 hooks: generate, then delegate to setuptools.build_meta.
+# pip runs the hooks with the project root as the current directory, which the
+# relative paths in pyproject's ext-modules rely on.
+
+
+def _setuptools_backend():
+    from setuptools import build_meta
+
+    return build_meta
+
+
+def get_requires_for_build_wheel(config_settings=None):
+    return _setuptools_backend().get_requires_for_build_wheel(config_settings)
+
+
+def get_requires_for_build_sdist(config_settings=None):
+    return _setuptools_backend().get_requires_for_build_sdist(config_settings)
+
+
+def get_requires_for_build_editable(config_settings=None):
+    return _setuptools_backend().get_requires_for_build_editable(config_settings)
+
+
+def prepare_metadata_for_build_wheel(metadata_directory, config_settings=None):
+    generate_c()
+    return _setuptools_backend().prepare_metadata_for_build_wheel(
+        metadata_directory, config_settings
+    )
+
+
+def prepare_metadata_for_build_editable(metadata_directory, config_settings=None):
+    generate_c()
+    return _setuptools_backend().prepare_metadata_for_build_editable(
+        metadata_directory, config_settings
+    )
+
+
+def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
+    generate_c()
+    return _setuptools_backend().build_wheel(
+        wheel_directory, config_settings, metadata_directory
+    )
+
+
+def build_editable(wheel_directory, config_settings=None, metadata_directory=None):
+    # setuptools builds extensions in place for editable installs, so the .so
+    # lands in agent/ next to the sources the editable finder points at.
+    generate_c()
+    return _setuptools_backend().build_editable(
+        wheel_directory, config_settings, metadata_directory
+    )
+
+
+def build_sdist(sdist_directory, config_settings=None):
+    generate_c()
+    return _setuptools_backend().build_sdist(sdist_directory, config_settings)
+
+
+# --------------------------------------------------------------------------
+# CLI
+
+
+def _pyproject_extensions():
+    """setuptools Extension objects from pyproject's [tool.setuptools] ext-modules."""
+    import tomllib
+
+    from setuptools import Extension
+
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        config = tomllib.load(f)
+    extensions = []
+    for spec in config["tool"]["setuptools"]["ext-modules"]:
+        kwargs = {key.replace("-", "_"): value for key, value in spec.items()}
+        extensions.append(Extension(**kwargs))
+    return extensions
+
+
+def cmd_gen(args: argparse.Namespace) -> int:
+    generate_c(verbose=True)
+    return 0
+
+
+def cmd_ext(args: argparse.Namespace) -> int:
+    """Compile agent._linux in place (agent/_linux.<abi>.so), as a developer
+    would before running the tests from the source tree."""
+    generate_c(verbose=args.verbose)
+
+    from setuptools import Distribution
+
+    os.chdir(ROOT)  # ext-modules paths are relative to the project root
+    dist = Distribution(
+        {"name": "nodeagent", "ext_modules": _pyproject_extensions()}
+    )
+    dist.script_name = "build.py"
+    dist.script_args = [
+        "--verbose" if args.verbose else "--quiet",
+        "build_ext",
+        "--inplace",
+        "--build-temp",
+        str(ROOT / "build" / "ext-temp"),
+    ] + (["--force"] if args.force else [])
+    dist.parse_command_line()
+    dist.run_commands()
+    cmd = dist.get_command_obj("build_ext")
+    for ext in cmd.extensions:
+        print(f"built {Path(cmd.get_ext_fullpath(ext.name)).resolve().relative_to(ROOT)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python build.py", description="nodeagent build commands"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("ext", help="build the agent._linux extension in place")
+    p.add_argument("-f", "--force", action="store_true", help="recompile everything")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=cmd_ext)
+
+    p = sub.add_parser("gen", help="only emit csrc/generated/_linux.c from the cdef")
+    p.set_defaults(func=cmd_gen)
+
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
