@@ -1,0 +1,132 @@
+"""The `nodeagent` command: parse arguments, call a library function, turn errors into one line and an exit status.
+
+Flags follow the tools nodeagent replaces: imageunzip/frisbee for `image`, imagezip for `save`, imagedump for `info`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import __version__
+from .errors import NodeagentError
+
+MiB = 1 << 20
+
+
+def _image(args) -> int:
+    from .io.image import restore
+    from .io.sources import open_source
+    from .io.target import Target
+    from .progress import Progress
+
+    source = open_source(args.source)
+    target = Target(args.target, force=args.force)
+    try:
+        progress = Progress("written", quiet=args.quiet)
+        result = restore(source, target, zero=args.zero, progress=progress)
+        zeroed = f", {result.zeroed_bytes / MiB:.1f} MiB zeroed" if args.zero else ""
+        progress.finish(
+            f"Wrote {result.data_bytes / MiB:.1f} MiB from {result.chunks} chunks to {args.target}{zeroed}"
+        )
+    finally:
+        target.close()
+        source.close()
+    return 0
+
+
+def _save(args) -> int:
+    from .io.save import save
+    from .progress import Progress
+
+    codec = "zstd" if args.zstd else "zlib"
+    if args.level is not None:
+        lo, hi = (0, 9) if codec == "zlib" else (1, 22)
+        if not lo <= args.level <= hi:
+            raise NodeagentError(f"{codec} level must be {lo}..{hi}, not {args.level}")
+    progress = Progress("read", quiet=args.quiet)
+    result = save(args.disk, args.dest, codec=codec, level=args.level, raw=args.raw, v5=args.v5, progress=progress)
+    if not args.quiet:
+        for part in result.map.parts:
+            print(
+                f"  {'partition ' + str(part.index) if part.index else 'whole disk'}: {part.kind}, "
+                f"sectors {part.start}-{part.start + part.count - 1}, "
+                f"{part.allocated * 512 / MiB:.1f} of {part.count * 512 / MiB:.1f} MiB imaged",
+                file=sys.stderr,
+            )
+    progress.finish(
+        f"Saved {result.data_bytes / MiB:.1f} MiB of {result.disk_bytes / MiB:.1f} MiB ({result.map.scheme}) "
+        f"into {result.chunks} V{result.version} {result.codec} chunks, {result.image_bytes / MiB:.1f} MiB"
+    )
+    return 0
+
+
+def _info(args) -> int:
+    from .info import describe
+
+    for line in describe(args.image, regions=args.regions, check=args.check):
+        print(line)
+    return 0
+
+
+def _demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.dir)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nodeagent", description="Orbit-PXE-3 node agent: image and save disks in Emulab .ndz format."
+    )
+    parser.add_argument("--version", action="version", version=f"nodeagent {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("image", help="write an .ndz image to a disk or file (like imageunzip)")
+    p.add_argument("source", metavar="SOURCE", help="an .ndz file, or - for stdin")
+    p.add_argument("target", metavar="TARGET", help="a block device or regular file")
+    p.add_argument("-z", "--zero", action="store_true", help="fill free space with zeros (imageunzip -z)")
+    p.add_argument("--force", action="store_true", help="write even if the target is mounted or in use")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    p.set_defaults(run=_image)
+
+    p = sub.add_parser("save", help="save a disk as an .ndz image, skipping free blocks (like imagezip)")
+    p.add_argument("disk", metavar="DISK", help="a block device or disk image file")
+    p.add_argument("dest", metavar="DEST", help="the .ndz file to write, or - for stdout")
+    p.add_argument("-z", "--level", type=int, metavar="N", help="compression level (zlib 0-9, default 4; zstd 1-22, default 3)")
+    p.add_argument("-r", "--raw", action="store_true", help="image every sector, ignoring filesystems")
+    p.add_argument("--zstd", action="store_true", help="zstd chunks (nodeagent extension: faster, not readable by imageunzip)")
+    p.add_argument("--v5", action="store_true", help="version 5 chunks (64-bit sectors, image id) even for small disks")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    p.set_defaults(run=_save)
+
+    p = sub.add_parser("info", help="describe an .ndz image chunk by chunk (like imagedump)")
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("-r", "--regions", action="store_true", help="list every region")
+    p.add_argument("-c", "--check", action="store_true", help="also decompress every chunk to verify it")
+    p.set_defaults(run=_info)
+
+    p = sub.add_parser("demo", help="restore the bundled demo image, verify it, save it again")
+    p.add_argument("dir", metavar="DIR", nargs="?", default="nodeagent-demo", help="working folder (default nodeagent-demo)")
+    p.set_defaults(run=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except NodeagentError as err:
+        print(f"nodeagent {args.command}: {err}", file=sys.stderr)
+        return err.exit_status
+    except KeyboardInterrupt:
+        print(f"nodeagent {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 141
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The shells that move bytes: sources, targets, and the restore and save pipelines."""

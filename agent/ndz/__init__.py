@@ -1,0 +1,1 @@
+"""The Emulab imagezip `.ndz` format, pure: headers, per-chunk codecs, chunk packing."""

@@ -1,0 +1,74 @@
+"""Progress on stderr: one updating line on a TTY, a line every few seconds on a serial console.
+
+Non-TTY lines keep frisbee's `Progress: N%` form at their start, which controllers (OMF, rhubarbe) parse.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+MiB = 1 << 20
+
+
+def _eta(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Progress:
+    """Report `done` out of `total` bytes (total may be unknown: 0)."""
+
+    def __init__(
+        self,
+        what: str,
+        total: int = 0,
+        stream: TextIO | None = None,
+        interval: float | None = None,
+        quiet: bool = False,
+        clock=time.monotonic,
+    ) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = self.stream.isatty()
+        self.what = what
+        self.total = total
+        self.quiet = quiet
+        self.clock = clock
+        self.interval = interval if interval is not None else (0.2 if self.tty else 5.0)
+        self.started = clock()
+        self._last = self.started
+        self.done = 0
+
+    def line(self) -> str:
+        elapsed = max(self.clock() - self.started, 1e-9)
+        rate = self.done / elapsed / MiB
+        if self.total:
+            pct = min(100, self.done * 100 // self.total)
+            left = (self.total - self.done) / (self.done / elapsed) if self.done else 0
+            return (
+                f"Progress: {pct}% {self.what} {self.done / MiB:.1f} of {self.total / MiB:.1f} MiB, "
+                f"{rate:.1f} MiB/s, {_eta(elapsed)} elapsed, ETA {_eta(left)}"
+            )
+        return f"Progress: {self.what} {self.done / MiB:.1f} MiB, {rate:.1f} MiB/s, {_eta(elapsed)} elapsed"
+
+    def update(self, done: int) -> None:
+        self.done = done
+        now = self.clock()
+        if self.quiet or now - self._last < self.interval:
+            return
+        self._last = now
+        if self.tty:
+            self.stream.write("\r\x1b[K" + self.line())
+        else:
+            self.stream.write(self.line() + "\n")
+        self.stream.flush()
+
+    def finish(self, summary: str) -> None:
+        """Replace the progress line by a final summary (printed even when quiet is off only)."""
+        if self.tty and not self.quiet:
+            self.stream.write("\r\x1b[K")
+        if not self.quiet:
+            elapsed = max(self.clock() - self.started, 1e-9)
+            self.stream.write(f"{summary} in {elapsed:.1f} s ({self.done / elapsed / MiB:.1f} MiB/s)\n")
+            self.stream.flush()
