@@ -13,6 +13,7 @@ from agent.errors import ImageFormatError
 from agent.ndz import codec
 from agent.ndz.chunker import (
     ChunkPacker,
+    Fit,
     Piece,
     pack_piece,
     plan_pieces,
@@ -208,7 +209,7 @@ def save_in_memory(disk: MemoryDisk, ranges, total, codec_name="zlib", level=4, 
     def compress(extents, dict_extents=()):
         data = disk.read_extents(extents)
         dictionary = disk.read_extents(dict_extents) if dict_extents else b""
-        return Piece(tuple(extents), codec.compress_piece(codec_name, level, data, dictionary), zlib.adler32(data), bool(dictionary))
+        return Piece(tuple(extents), codec.compress_piece(codec_name, level, data, dictionary), zlib.adler32(data), len(dictionary))
 
     chunks = []
     for plan in plan_pieces(ranges, codec_name):
@@ -285,3 +286,26 @@ def test_extent_helpers():
     assert split_extents(ext, 99) == (ext, ())
     assert tail_extents(ext, 6) == ((11, 2), (20, 5)) or tail_extents(ext, 6) == ((12, 1), (20, 5))
     assert sum(n for _, n in tail_extents(ext, 6)) == 6
+
+
+def test_dictionary_never_reaches_before_a_chunk_start():
+    """Text whose back-references lean on the previous piece: after a split, a chunk may start with a short rest of
+    a piece; the next piece's dictionary then reaches before the chunk and must be dropped."""
+    rng = random.Random(11)
+    words = [rng.randbytes(rng.randrange(3, 12)).hex().encode() for _ in range(2000)]
+    text = b" ".join(rng.choice(words) for _ in range(3_000_000))
+    total = len(text) // SECTOR
+    disk = MemoryDisk(text[: total * SECTOR])
+    chunks = save_in_memory(disk, [(0, total)], total)
+    assert len(chunks) > 8
+    assert restore_in_memory(chunks, total) == disk.data
+
+
+def test_packer_wants_a_fresh_piece_when_its_dictionary_is_not_in_the_chunk():
+    packer = ChunkPacker("zlib", 4, 3, 10_000)
+    small = Piece(((0, 2),), codec.compress_piece("zlib", 4, bytes(1024)), zlib.adler32(bytes(1024)), 0)
+    packer.add(small)  # a chunk that starts with only 1 KiB of input
+    with_dict = Piece(((2, 64),), b"x" * 100, 1, 32 << 10)
+    assert packer.judge(with_dict).fit is Fit.FRESH_NEEDED
+    packer.add(Piece(((2, 62),), b"x" * 100, 1, 1024))  # a dictionary that is all inside the chunk is fine
+    assert packer.judge(Piece(((64, 64),), b"x" * 100, 1, 32 << 10)).fit is Fit.FITS

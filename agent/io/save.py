@@ -136,7 +136,7 @@ def _compress(disk: Disk, codec: str, level: int, extents, dict_extents=()) -> P
     data = disk.read_extents(extents)
     dictionary = disk.read_extents(dict_extents) if dict_extents else b""
     adler = zlib.adler32(data) if codec == "zlib" else 1
-    return Piece(tuple(extents), codecs.compress_piece(codec, level, data, dictionary), adler, bool(dictionary))
+    return Piece(tuple(extents), codecs.compress_piece(codec, level, data, dictionary), adler, len(dictionary))
 
 
 def save(

@@ -41,7 +41,7 @@ class Piece:
     extents: Extents
     data: bytes
     adler: int  # Adler-32 of the input (zlib only; 1 otherwise)
-    has_dict: bool
+    dict_bytes: int  # input before it that it was compressed against (its back-references may reach there)
 
     @property
     def nbytes(self) -> int:
@@ -138,6 +138,7 @@ class ChunkPacker:
         self._regions: list[list[int]] = []
         self._pieces: list[bytes] = []
         self._used = 0
+        self._in_bytes = 0
         self._adler = 1
 
     @property
@@ -152,7 +153,7 @@ class ChunkPacker:
 
     def judge(self, piece: Piece) -> Verdict:
         """Can `piece` go into the chunk being filled?"""
-        if piece.has_dict and not self._pieces:
+        if piece.dict_bytes > self._in_bytes:  # it would refer back past the start of this chunk's stream
             return Verdict(Fit.FRESH_NEEDED)
         slots = self._region_limit - len(self._regions)
         if len(piece.data) <= self.room and self._new_regions(piece.extents) <= slots:
@@ -183,7 +184,7 @@ class ChunkPacker:
 
     def add(self, piece: Piece) -> None:
         """Append a piece that `judge` said FITS (or a prefix that fits)."""
-        assert len(piece.data) <= self.room and not (piece.has_dict and not self._pieces)
+        assert len(piece.data) <= self.room and piece.dict_bytes <= self._in_bytes
         for start, count in piece.extents:
             if self._regions and self._regions[-1][0] + self._regions[-1][1] == start:
                 self._regions[-1][1] += count
@@ -194,6 +195,7 @@ class ChunkPacker:
         assert len(self._regions) <= self._region_limit
         self._pieces.append(piece.data)
         self._used += len(piece.data)
+        self._in_bytes += piece.nbytes
         if self.codec == "zlib":
             self._adler = codecs.adler32_combine(self._adler, piece.adler, piece.nbytes)
 
@@ -262,7 +264,7 @@ def pack_piece(packer: ChunkPacker, piece: Piece, recompress: Callable[[Extents]
                 head = recompress(split_extents(piece.extents, sectors)[0]) if sectors else None
         if head is None:
             packer.close_chunk()
-            if not piece.has_dict:
+            if not piece.dict_bytes:
                 continue
             piece = recompress(piece.extents)
             continue
