@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from . import linux
+
+    linux.keep_big_buffers()
     try:
         return args.run(args)
     except NodeagentError as err:

@@ -156,3 +156,17 @@ def punch_hole(fd: FD, offset: int, length: int) -> None:
     mode = lib.FALLOC_FL_PUNCH_HOLE | lib.FALLOC_FL_KEEP_SIZE
     if lib.na_fallocate(fd, mode, offset, length) != 0:
         raise _fail(f"fallocate(PUNCH_HOLE) {offset}+{length}", fd)
+
+
+# ---------------------------------------------------------------- the C allocator
+
+
+def keep_big_buffers(max_buffer: int = 16 << 20) -> None:
+    """Have malloc serve buffers up to `max_buffer` bytes from a heap it keeps, instead of a fresh mmap each time.
+
+    The pipelines allocate and free megabyte buffers (chunks, inflated pieces) hundreds of times a second; with
+    glibc's defaults every one of them faults its pages in again, which costs about a fifth of the imaging time.
+    Best effort: an allocator that refuses is left as it is.
+    """
+    if _linux is not None:
+        _linux.lib.na_malloc_keep_big_buffers(max_buffer)

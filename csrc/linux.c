@@ -51,3 +51,11 @@ int na_fallocate(int fd, int mode, int64_t offset, int64_t length)
     } while (rc != 0 && errno == EINTR);
     return rc == 0 ? 0 : -1;
 }
+
+int na_malloc_keep_big_buffers(int max_buffer)
+{
+    /* mallopt returns 1 on success, 0 on error. */
+    if (mallopt(M_MMAP_THRESHOLD, max_buffer) != 1)
+        return -1;
+    return mallopt(M_TRIM_THRESHOLD, 4 * max_buffer) == 1 ? 0 : -1;
+}

@@ -27,6 +27,7 @@
 #include <sys/ioctl.h>
 #include <linux/fs.h>       /* BLKGETSIZE64, BLKSSZGET, BLKFLSBUF, BLKRRPART, BLKDISCARD, BLKZEROOUT */
 #include <linux/falloc.h>   /* FALLOC_FL_PUNCH_HOLE, FALLOC_FL_KEEP_SIZE, ... */
+#include <malloc.h>         /* mallopt */
 
 /* ---- block devices ------------------------------------------------------ */
 
@@ -52,5 +53,14 @@ int na_blk_zeroout(int fd, uint64_t offset, uint64_t length);
 
 /* fallocate(2); mode is a combination of FALLOC_FL_* flags. */
 int na_fallocate(int fd, int mode, int64_t offset, int64_t length);
+
+/* ---- the C allocator ---------------------------------------------------- */
+
+/* Serve buffers up to max_buffer bytes from the heap and keep freed memory for
+ * reuse (mallopt M_MMAP_THRESHOLD, M_TRIM_THRESHOLD).  Imaging allocates and
+ * frees megabyte buffers hundreds of times a second; with the defaults each
+ * one is a fresh mmap whose pages fault in again.  Returns 0, or -1 if the C
+ * library refused. */
+int na_malloc_keep_big_buffers(int max_buffer);
 
 #endif /* NODEAGENT_LINUX_H */

@@ -25,3 +25,6 @@ int na_blk_rrpart(int fd);
 int na_blk_discard(int fd, uint64_t offset, uint64_t length);
 int na_blk_zeroout(int fd, uint64_t offset, uint64_t length);
 int na_fallocate(int fd, int mode, int64_t offset, int64_t length);
+
+/* the C allocator */
+int na_malloc_keep_big_buffers(int max_buffer);
