@@ -132,7 +132,7 @@ def restore(
         header, chunk, index = item
         return restore_chunk(target, header, chunk, index, zero)
 
-    for data, zeroed in ordered_map(work, checked_chunks(), workers, depth=2 * workers + 2):
+    for data, zeroed in ordered_map(work, checked_chunks(), workers, depth=workers + 2):
         result.chunks += 1
         result.data_bytes += data
         result.zeroed_bytes += zeroed

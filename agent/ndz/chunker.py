@@ -1,6 +1,6 @@
 """The save side of the format, pure: disk ranges -> pieces -> full 1 MiB chunks.
 
-`plan_pieces` cuts the sector ranges to image into pieces of about 128 KiB of input. Pieces are compressed anywhere
+`plan_pieces` cuts the sector ranges to image into pieces of 64 KiB of input (zlib). Pieces are compressed anywhere
 (see codec.compress_piece) and handed, in order, to a `ChunkPacker`, which fills chunks the way imagezip does (as
 full as they go, a region table of at most 507 or 251 entries, sector ranges that tile the disk) and says when a
 piece must be split or compressed again. The I/O shell (agent.io.save) reads the disk and runs the compressors.
@@ -18,8 +18,8 @@ from .header import CHUNK_MAX, CHUNK_SIZE, RELOC_SHORTSECTOR, SECTOR, ChunkHeade
 
 Extents = tuple[tuple[int, int], ...]  # (start sector, sector count) in stream order
 
-PIECE_BYTES = {"zlib": 128 << 10, "zstd": 512 << 10}
-MIN_ROOM = 1024  # a chunk with less free room than this is closed rather than topped up
+PIECE_BYTES = {"zlib": 64 << 10, "zstd": 512 << 10}
+MIN_ROOM = 4096  # a chunk with less free room than this is closed rather than topped up (imagezip: 8 KiB)
 
 
 @dataclass(frozen=True)
