@@ -147,3 +147,36 @@ def test_mounted_target_is_refused(tmp_path, tmp_path_factory, run_cli):
             subprocess.run(["umount", str(point)], check=True)
     assert proc.returncode != 0
     assert "mounted on" in proc.err and "--force" in proc.err
+
+
+def test_zero_fills_free_space_of_a_file_target(tmp_path, run_cli):
+    """-z on a dirty regular file (hole punching) gives what a new file gives."""
+    clean = tmp_path / "clean.img"
+    run_cli("image", FIXTURES / "fsA-fsaware-v5.ndz", clean, check=True)
+    dirty = tmp_path / "dirty.img"
+    dirty.write_bytes(b"\xa5" * FS_A["source_bytes"])
+    run_cli("image", "--zero", FIXTURES / "fsA-fsaware-v5.ndz", dirty, check=True)
+    assert dirty.read_bytes() == clean.read_bytes()
+
+
+def test_file_target_is_never_shrunk(tmp_path, run_cli):
+    out = tmp_path / "big.img"
+    out.write_bytes(b"\x11" * (20 << 20))
+    run_cli("image", FIXTURES / "fsA-raw-v3.ndz", out, check=True)
+    data = out.read_bytes()
+    assert len(data) == 20 << 20 and data[16 << 20 :] == b"\x11" * (4 << 20)
+    assert sha256_file(out, length=16 << 20) == FS_A["source_sha256"]
+
+
+@needs_root
+def test_force_writes_to_a_mounted_device(tmp_path, tmp_path_factory, run_cli):
+    backing = tmp_path / "fs.img"
+    run_cli("image", FIXTURES / "fsA-raw-v3.ndz", backing, check=True)
+    with loop_device(backing) as dev:
+        point = tmp_path_factory.mktemp("mnt")
+        subprocess.run(["mount", "-o", "ro", dev, str(point)], check=True)
+        try:
+            proc = run_cli("image", "--force", FIXTURES / "fsA-raw-v3.ndz", dev)
+        finally:
+            subprocess.run(["umount", str(point)], check=True)
+    assert proc.returncode == 0, proc.err

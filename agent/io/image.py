@@ -100,6 +100,13 @@ def restore(
     workers = workers or default_workers()
     result = RestoreResult()
     summary = summarize(source)
+    preflight = getattr(source, "preflight", None)
+    if summary is None and preflight is not None:
+        # A network source fetches the image's last chunk first: its header tells how far the image reaches, so a
+        # target that is too small is refused before anything is written.
+        index, area = preflight()
+        result.covered_end = decode(area, index).covered_end_bytes
+        target.require(result.covered_end, "the image")
     if summary is not None:
         if summary.chunks == 0:
             raise ImageFormatError(f"{source.name}: no chunks")
@@ -132,7 +139,8 @@ def restore(
         header, chunk, index = item
         return restore_chunk(target, header, chunk, index, zero)
 
-    for data, zeroed in ordered_map(work, checked_chunks(), workers, depth=workers + 2):
+    # Enough chunks in flight that a worker never waits while another inflates a big one (about 1 MiB each).
+    for data, zeroed in ordered_map(work, checked_chunks(), workers, depth=4 * workers):
         result.chunks += 1
         result.data_bytes += data
         result.zeroed_bytes += zeroed

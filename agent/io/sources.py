@@ -25,6 +25,9 @@ class ChunkSource(Protocol):
     def header_areas(self) -> Iterator[tuple[int, bytes]] | None:
         """Every chunk's header area before any data, or None if the source can only be read once."""
 
+    # Optional, for sources that cannot list headers but can fetch the last chunk first (frisbee):
+    # def preflight(self) -> tuple[int, bytes]: the last chunk's index and header area, before chunks() starts.
+
 
 def _read_full(fd: int, size: int, offset: int | None = None) -> bytes:
     """Read up to `size` bytes, retrying short reads (pipes deliver in small pieces); fewer only at EOF."""
