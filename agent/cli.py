@@ -14,14 +14,49 @@ from .errors import NodeagentError
 MiB = 1 << 20
 
 
+def _frisbee_address(spec: str) -> tuple[str, int]:
+    """ADDR:PORT of a frisbee://ADDR:PORT source."""
+    host, _, port = spec[len("frisbee://") :].rstrip("/").rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise NodeagentError(f"{spec}: expected frisbee://ADDR:PORT")
+    return host, int(port)
+
+
+def _image_source(args):
+    """SOURCE from the positional arguments or frisbee's -m/-p flags; returns (source, target path)."""
+    from .io.sources import open_source
+
+    paths = args.paths
+    if args.mcast_addr is not None or args.port is not None:
+        if args.mcast_addr is None or args.port is None or len(paths) != 1:
+            raise NodeagentError("with -m ADDR -p PORT give only TARGET")
+        addr, port = args.mcast_addr, args.port
+    elif len(paths) != 2:
+        raise NodeagentError("expected SOURCE TARGET (an .ndz file, -, or frisbee://ADDR:PORT)")
+    elif paths[0].startswith("frisbee://"):
+        addr, port = _frisbee_address(paths[0])
+    else:
+        return open_source(paths[0]), paths[1]
+    from .frisbee.receive import FrisbeeSource
+
+    source = FrisbeeSource(
+        addr, port, ifaddr=args.ifaddr, broadcast=args.broadcast, idle_timeout=args.timeout, memory_mb=args.memory
+    )
+    return source, paths[-1]
+
+
 def _image(args) -> int:
     from .io.image import restore
-    from .io.sources import open_source
     from .io.target import Target
     from .progress import Progress
 
-    source = open_source(args.source)
-    target = Target(args.target, force=args.force)
+    source, target_path = _image_source(args)
+    args.target = target_path
+    try:
+        target = Target(target_path, force=args.force)
+    except BaseException:
+        source.close()
+        raise
     try:
         progress = Progress("written", quiet=args.quiet)
         result = restore(source, target, zero=args.zero, progress=progress)
@@ -45,7 +80,10 @@ def _save(args) -> int:
         if not lo <= args.level <= hi:
             raise NodeagentError(f"{codec} level must be {lo}..{hi}, not {args.level}")
     progress = Progress("read", quiet=args.quiet)
-    result = save(args.disk, args.dest, codec=codec, level=args.level, raw=args.raw, v5=args.v5, progress=progress)
+    result = save(
+        args.disk, args.dest, codec=codec, level=args.level, raw=args.raw, v5=args.v5, progress=progress,
+        warn=lambda msg: print(f"nodeagent save: warning: {msg}", file=sys.stderr),
+    )
     if not args.quiet:
         for part in result.map.parts:
             print(
@@ -57,6 +95,16 @@ def _save(args) -> int:
     progress.finish(
         f"Saved {result.data_bytes / MiB:.1f} MiB of {result.disk_bytes / MiB:.1f} MiB ({result.map.scheme}) "
         f"into {result.chunks} V{result.version} {result.codec} chunks, {result.image_bytes / MiB:.1f} MiB"
+    )
+    return 0
+
+
+def _serve(args) -> int:
+    from .frisbee.serve import serve
+
+    serve(
+        args.file, args.mcast_addr, args.port, ifaddr=args.ifaddr, broadcast=args.broadcast,
+        bandwidth=args.bandwidth, idle_timeout=args.timeout,
     )
     return 0
 
@@ -83,9 +131,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    p = sub.add_parser("image", help="write an .ndz image to a disk or file (like imageunzip)")
-    p.add_argument("source", metavar="SOURCE", help="an .ndz file, or - for stdin")
-    p.add_argument("target", metavar="TARGET", help="a block device or regular file")
+    p = sub.add_parser(
+        "image",
+        help="write an .ndz image to a disk or file (like imageunzip / frisbee)",
+        usage="nodeagent image [flags] SOURCE TARGET | nodeagent image [flags] -m ADDR -p PORT TARGET",
+    )
+    p.add_argument(
+        "paths", nargs="+", metavar="SOURCE TARGET",
+        help="SOURCE: an .ndz file, - for stdin, or frisbee://ADDR:PORT; TARGET: a block device or regular file",
+    )
+    p.add_argument("-m", dest="mcast_addr", metavar="ADDR", help="frisbee server: multicast group, broadcast or server address")
+    p.add_argument("-p", dest="port", type=int, metavar="PORT", help="frisbee port")
+    p.add_argument("-i", dest="ifaddr", metavar="IFADDR", help="frisbee: address of the interface to use")
+    p.add_argument("-b", dest="broadcast", action="store_true", help="frisbee: broadcast instead of multicast")
+    p.add_argument("-T", dest="timeout", type=float, default=0, metavar="S",
+                   help="frisbee: give up after S seconds of server silence (default 0: wait forever)")
+    p.add_argument("-M", dest="memory", type=int, default=32, metavar="MB", help="frisbee: memory for chunk buffers (default 32)")
     p.add_argument("-z", "--zero", action="store_true", help="fill free space with zeros (imageunzip -z)")
     p.add_argument("--force", action="store_true", help="write even if the target is mounted or in use")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
@@ -100,6 +161,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--v5", action="store_true", help="version 5 chunks (64-bit sectors, image id) even for small disks")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.set_defaults(run=_save)
+
+    p = sub.add_parser("serve", help="serve an image (any file) to frisbee clients (like frisbeed)")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("-m", dest="mcast_addr", metavar="ADDR", required=True, help="multicast group, broadcast, or the client's address")
+    p.add_argument("-p", dest="port", type=int, metavar="PORT", required=True)
+    p.add_argument("-i", dest="ifaddr", metavar="IFADDR", help="address of the interface to use")
+    p.add_argument("-b", dest="broadcast", action="store_true", help="broadcast instead of multicast")
+    p.add_argument("-W", dest="bandwidth", type=int, default=None, metavar="BPS",
+                   help="bandwidth in bits per second (default as frisbeed, about 73 Mbit/s; 0: unlimited)")
+    p.add_argument("-T", dest="timeout", type=float, default=1800, metavar="S",
+                   help="exit after S seconds without requests (default 1800; 0: never)")
+    p.set_defaults(run=_serve)
 
     p = sub.add_parser("info", help="describe an .ndz image chunk by chunk (like imagedump)")
     p.add_argument("image", metavar="IMAGE")

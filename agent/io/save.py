@@ -19,6 +19,7 @@ from ..ndz import codec as codecs
 from ..ndz.chunker import ChunkPacker, Piece, PiecePlan, choose_version, extents_bytes, pack_piece, plan_pieces
 from ..ndz.header import SECTOR
 from ..progress import Progress
+from .target import busy_reason
 from .workers import default_workers, ordered_map
 
 DEFAULT_LEVEL = {"zlib": 4, "zstd": 3}  # zlib 4 is imagezip's default
@@ -36,8 +37,10 @@ class Disk:
         st = os.fstat(self.fd)
         if stat.S_ISBLK(st.st_mode):
             self.size = linux.block_size_bytes(self.fd)
+            self.busy = busy_reason(path, st.st_rdev)
         elif stat.S_ISREG(st.st_mode):
             self.size = st.st_size
+            self.busy = None
         else:
             raise SourceError(f"{path}: not a block device or regular file")
         if self.size == 0:
@@ -148,10 +151,13 @@ def save(
     v5: bool = False,
     progress: Progress | None = None,
     workers: int | None = None,
+    warn=None,
 ) -> SaveResult:
     workers = workers or default_workers()
     level = DEFAULT_LEVEL[codec] if level is None else level
     disk = Disk(disk_path)
+    if disk.busy and warn is not None:
+        warn(f"{disk_path} is {disk.busy}: files changing while it is read make an inconsistent image")
     try:
         disk_map = fs.raw_map(disk.sectors) if raw else fs.scan_disk(disk.read, disk.sectors)
         version = choose_version(disk.sectors, v5)

@@ -247,7 +247,7 @@ class ChunkPacker:
 def pack_piece(packer: ChunkPacker, piece: Piece, recompress: Callable[[Extents], Piece]) -> None:
     """Put one piece into the packer, splitting it or compressing it again (with `recompress`, no dictionary)
     as the packer asks."""
-    while piece is not None:
+    while True:
         verdict = packer.judge(piece)
         if verdict.fit is Fit.FITS:
             packer.add(piece)
