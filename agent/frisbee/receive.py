@@ -1,0 +1,209 @@
+"""A frisbee server as a chunk source: the client state machine on a network thread, chunks handed to the consumer.
+
+The network thread owns the socket: it receives (30 ms at most per wait, as frisbee), feeds the Client, fires
+its timers and sends what it asks. Completed chunks wait in `_ready` until the consumer takes them; the Client
+counts them against its memory budget, so a slow disk writer makes the network side drop new blocks (to be asked
+for again later) instead of growing memory.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+from ..errors import NodeagentError, SourceError
+from ..ndz.header import HEADER_AREA
+from .client import ChunkComplete, Client, Finished, Joined, TimedOut
+from .net import Endpoint, open_endpoint
+
+RECV_TIMEOUT = 0.03  # frisbee's PKTRCV_TIMEOUT
+RECV_BATCH = 64  # datagrams handled per lock hold
+STOP_JOIN = 2.0  # seconds close() waits for the network thread
+
+
+def _route_source(addr: str, port: int) -> str | None:
+    """The local address the kernel would send from towards addr (no packet is sent), or None."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)  # addr may be a broadcast address
+            probe.connect((addr, port))
+            return probe.getsockname()[0]
+    except OSError:
+        return None
+
+
+class FrisbeeSource:
+    """The image served by a frisbee server (frisbeed or `nodeagent serve`) at addr:port, as a ChunkSource.
+
+    addr: multicast group, broadcast address (with broadcast=True) or, for unicast, the server's address.
+    ifaddr: the interface to use (frisbee -i); without it, the address the kernel routes `addr` from.
+    idle_timeout: seconds without a packet from the server before giving up (frisbee -T; 0 = never).
+    memory_mb: 1 MiB chunk buffers, partly received or waiting for the consumer (frisbee -M).
+    progress: optional object whose `done` (bytes written so far) goes into frisbeed's PROGRESS reports.
+    """
+
+    def __init__(
+        self,
+        addr: str,
+        port: int,
+        ifaddr: str | None = None,
+        broadcast: bool = False,
+        idle_timeout: float = 0,
+        memory_mb: int = 32,
+        progress=None,
+        *,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.name = f"frisbee {addr}:{port}"
+        self._where = f"{addr}:{port}"
+        self._idle_timeout = idle_timeout
+        self._progress = progress
+        if memory_mb < 1:
+            raise SourceError(f"{self.name}: memory must be at least 1 MB, not {memory_mb}")
+        # frisbee tags packets with the host name's address unless given -i; that is often 127.0.1.1 on Debian,
+        # which servers then reject. The address the route to the server uses is what they will see.
+        if ifaddr is None:
+            ifaddr = _route_source(addr, port)
+        self._endpoint: Endpoint = open_endpoint("client", addr, port, ifaddr, broadcast)
+        self._client = Client(
+            self._endpoint.local_ip,
+            port=self._endpoint.port,
+            rng=rng,
+            memory_mb=memory_mb,
+            idle_timeout=idle_timeout,
+            wall_offset=time.time() - time.monotonic(),
+        )
+        self._cond = threading.Condition()  # guards the Client and everything below
+        self._ready: dict[int, bytes] = {}  # completed chunks not yet taken, in arrival order
+        self._total_chunks: int | None = None
+        self._finished = False
+        self._error: BaseException | None = None
+        self._stop = False
+        self.total_bytes: int | None = None
+        self._thread = threading.Thread(target=self._run, name="frisbee-receive", daemon=True)
+        self._thread.start()
+
+    # -----------------------------------------------------------------------------------------------------------
+    # the consumer's side (ChunkSource)
+
+    def header_areas(self) -> None:
+        return None  # chunks come once, in whatever order the network delivers them
+
+    def preflight(self) -> tuple[int, bytes]:
+        """Wait for the image's last chunk (asked for first) and return (its index, its header area). The chunk
+        stays queued: chunks() still yields it. Call before chunks()."""
+        with self._cond:
+            while self._error is None and (self._total_chunks is None or self._total_chunks - 1 not in self._ready):
+                if self._finished or self._total_chunks == 0:
+                    break
+                self._cond.wait()
+            self._raise_error()
+            last = (self._total_chunks or 0) - 1
+            if last < 0:
+                raise SourceError(f"{self.name}: the image is empty")
+            if last not in self._ready:
+                raise SourceError(f"{self.name}: chunk {last} was taken before preflight()")
+            return last, self._ready[last][:HEADER_AREA]
+
+    def chunks(self) -> Iterator[tuple[int, bytes]]:
+        while True:
+            with self._cond:
+                while not self._ready and self._error is None and not self._finished:
+                    self._cond.wait()
+                self._raise_error()
+                if not self._ready:
+                    if not self._total_chunks:
+                        raise SourceError(f"{self.name}: the image is empty")
+                    return
+                index = next(iter(self._ready))
+                data = self._ready.pop(index)
+                self._client.chunk_taken(index, time.monotonic())  # its buffer is free: the network may fill it
+            yield index, data
+
+    def close(self) -> None:
+        with self._cond:
+            self._stop = True
+            if self._error is None and not self._finished:
+                self._error = SourceError(f"{self.name}: closed")  # wakes a consumer waiting on another thread
+            self._cond.notify_all()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(STOP_JOIN)
+        self._endpoint.close()
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    @property
+    def stats(self):
+        return self._client.stats
+
+    @property
+    def total_chunks(self) -> int | None:
+        """Chunks in the image, once the server has answered our JOIN (None before)."""
+        return self._total_chunks
+
+    # -----------------------------------------------------------------------------------------------------------
+    # the network thread
+
+    def _run(self) -> None:
+        client, endpoint = self._client, self._endpoint
+        try:
+            with self._cond:
+                client.start(time.monotonic())
+                out = client.datagrams_to_send()
+            while True:
+                for datagram in out:
+                    endpoint.send(datagram.data, datagram.to)
+                with self._cond:
+                    if self._stop or client.done:
+                        return
+                    wait = min(RECV_TIMEOUT, max(0.0, client.next_deadline() - time.monotonic()))
+                got = endpoint.recv(wait)
+                with self._cond:
+                    now = time.monotonic()
+                    events = []
+                    # Take what else is queued under one lock (a burst of blocks arrives together).
+                    taken = 0
+                    while got is not None:
+                        events += client.datagram_received(got[0], got[1], now)
+                        taken += 1
+                        got = endpoint.recv(0) if taken < RECV_BATCH else None
+                    now = time.monotonic()
+                    if now >= client.next_deadline():
+                        events += client.timer(now)
+                    if self._progress is not None:
+                        client.bytes_out = int(self._progress.done)
+                    out = client.datagrams_to_send()
+                    self._handle(events)
+        except NodeagentError as err:
+            self._fail(err)
+        except OSError as err:
+            self._fail(SourceError(f"{self.name}: {err.strerror or err}"))
+        except BaseException as err:  # a bug: still wake the consumer, with the cause in the message
+            self._fail(SourceError(f"{self.name}: receiver failed: {type(err).__name__}: {err}"))
+
+    def _handle(self, events) -> None:
+        """Called with the lock held."""
+        for event in events:
+            if isinstance(event, ChunkComplete):
+                self._ready[event.index] = event.data
+            elif isinstance(event, Joined):
+                self.total_bytes, self._total_chunks = event.total_bytes, event.total_chunks
+            elif isinstance(event, Finished):
+                self._finished = True
+            elif isinstance(event, TimedOut):
+                self._error = SourceError(
+                    f"no packets from the frisbee server {self._where} for {self._idle_timeout:g} s"
+                )
+        if events:
+            self._cond.notify_all()
+
+    def _fail(self, err: BaseException) -> None:
+        with self._cond:
+            if self._error is None:
+                self._error = err
+            self._cond.notify_all()

@@ -1,0 +1,846 @@
+"""The frisbee server: the scheduler without sockets, the shell on loopback UDP, and the real frisbee client
+against our server inside private network namespaces (when NODEAGENT_FRISBEE names the real client binary)."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import math
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.errors import NodeagentError, SourceError
+from agent.frisbee import net
+from agent.frisbee.net import AddressInUse, Interface, accept_source, mode_of, open_endpoint, subnet_broadcast
+from agent.frisbee.packets import (
+    BLOCK_SIZE,
+    CHUNK_BYTES,
+    Block,
+    Join,
+    Join2,
+    JoinReply,
+    Leave,
+    Leave2,
+    PRequest,
+    Progress,
+    Request,
+    bitmap_of,
+    chunk_blocks,
+    decode,
+    encode,
+    encode_block,
+    total_chunks,
+)
+from agent.frisbee.serve import serve
+from agent.frisbee.server import WIRE_BITS_PER_BLOCK, Pacing, Server
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "tests" / "fixtures" / "imagezip"
+SIZE = 3 * CHUNK_BYTES + 5000  # 3 full chunks and a last chunk of 5 blocks, the last one short
+IP = "10.0.0.2"
+
+
+def drain(server: Server, start: float = 0.0, limit: float = 100.0) -> list[tuple[int, int]]:
+    """Run the pacing clock (polling exactly at each wake-up) until the queue is empty."""
+    now, out = start, []
+    while now < limit:
+        sends = server.poll(now)
+        out += sends.blocks
+        if not server.pending:
+            return out
+        now = sends.wake_at
+    raise AssertionError("queue never drained")
+
+
+def unpaced(total: int = SIZE, **kw) -> Server:
+    return Server(total, pacing=Pacing.from_bandwidth(0), **kw)
+
+
+# --- joins ---------------------------------------------------------------------------------------------------------
+
+
+def test_join_replies_carry_the_size():
+    server = Server(SIZE)
+    assert server.receive(Join(5), IP, 0) == [JoinReply(3 * 1024 + 5)]
+    assert server.receive(Join2(9, 0, 1024, 1024, 0, False), IP, 0) == [Join2(9, 0, 1024, 1024, SIZE, True)]
+
+
+def test_join_replies_are_immediate_even_mid_burst():
+    server = Server(SIZE)
+    server.receive(Request(0, 0, 1024), IP, 0)
+    assert len(server.poll(0.0).blocks) == 16
+    # The burst budget is spent until t=2 ms, but a JOIN is answered now, ahead of the queued blocks.
+    assert server.receive(Join(1), IP, 0.0005) == [JoinReply(3 * 1024 + 5)]
+    assert server.poll(0.0005).blocks == []
+
+
+def test_echoes_of_server_traffic_are_ignored():
+    server = Server(SIZE, idle_timeout=10)
+    echoes = (JoinReply(7), Join2(1, 0, 1024, 1024, 9, True), Block(0, 0, bytes(1024)), Progress(1, 0, 5, 1, 1, False))
+    for msg in echoes:
+        assert server.receive(msg, IP, 5) == []
+    assert server.pending == 0
+    assert server.poll(10).done  # none of them counted as activity
+
+
+# --- the work queue ---------------------------------------------------------------------------------------------------
+
+
+def test_requests_for_a_queued_chunk_merge():
+    server = unpaced()
+    server.receive(Request(1, 0, 10), IP, 0)
+    server.receive(Request(2, 0, 3), "10.0.0.3", 0)
+    server.receive(PRequest(1, 0, bitmap_of(range(5, 21))), "10.0.0.4", 0)
+    assert server.stats["merged"] == 1
+    assert drain(server) == [(1, b) for b in range(21)] + [(2, 0), (2, 1), (2, 2)]
+
+
+def test_full_request_for_the_chunk_being_sent_is_dropped():
+    server = Server(SIZE)
+    server.receive(Request(0, 0, 1024), IP, 0)
+    first = server.poll(0).blocks
+    assert first == [(0, b) for b in range(16)]
+    server.receive(Request(0, 0, 1024), "10.0.0.3", 0.001)  # a late joiner: it catches the rest as it goes by
+    server.receive(PRequest(0, 0, bytes([0xFF]) * 128), "10.0.0.4", 0.001)  # a full map is a full request too
+    assert server.stats["dropped"] == 2
+    assert first + drain(server, 0.002) == [(0, b) for b in range(1024)]
+
+
+def test_partial_request_for_the_chunk_being_sent_is_kept():
+    server = Server(SIZE)
+    server.receive(Request(0, 0, 1024), IP, 0)
+    server.receive(Request(1, 0, 1024), IP, 0)
+    sent = server.poll(0).blocks
+    server.receive(PRequest(0, 1, bitmap_of([3])), "10.0.0.3", 0.001)  # lost block 3 of the chunk in flight
+    sent += drain(server, 0.002)
+    assert sent == [(0, b) for b in range(1024)] + [(1, b) for b in range(1024)] + [(0, 3)]
+
+
+def test_head_entry_only_takes_blocks_ahead_of_the_run():
+    server = Server(SIZE)
+    server.receive(Request(0, 0, 100), IP, 0)
+    server.receive(Request(0, 200, 100), IP, 0)  # merged: the head entry holds 0-99 and 200-299
+    server.receive(Request(1, 0, 1), IP, 0)
+    sent = server.poll(0).blocks  # the run 0-99 of chunk 0 starts
+    server.receive(PRequest(0, 0, bitmap_of([150])), IP, 0.001)  # ahead of the run: merged into the head entry
+    server.receive(PRequest(0, 0, bitmap_of([50])), IP, 0.001)  # behind the run's end: to the back of the queue
+    sent += drain(server, 0.002)
+    expect = [(0, b) for b in range(100)] + [(0, 150)] + [(0, b) for b in range(200, 300)] + [(1, 0), (0, 50)]
+    assert sent == expect
+
+
+def test_a_queued_chunk_is_sent_once_for_many_requests():
+    server = unpaced()
+    for i in range(20):
+        server.receive(Request(2, 0, 1024), f"10.0.1.{i}", 0)
+    assert drain(server) == [(2, b) for b in range(1024)]
+
+
+def test_no_per_client_state():
+    # Anyone may ask, joined or not, and the same chunk is sent again whenever asked again after it went by.
+    server = unpaced()
+    server.receive(Request(1, 0, 1024), "10.0.0.3", 0)
+    assert len(drain(server)) == 1024
+    server.receive(Request(1, 0, 1024), "10.0.0.3", 1)
+    assert len(drain(server, 1)) == 1024
+    assert server.stats["joins"] == 0
+
+
+def test_out_of_range_requests_are_ignored():
+    server = unpaced()
+    server.receive(Request(4, 0, 1024), IP, 0)  # chunks are 0..3
+    server.receive(PRequest(99, 0, bitmap_of([0])), IP, 0)
+    server.receive(PRequest(3, 0, bitmap_of([5, 6, 1000])), IP, 0)  # the last chunk has blocks 0..4 only
+    server.receive(PRequest(0, 0, bytes(128)), IP, 0)  # an empty map
+    assert server.pending == 0
+    assert server.stats["ignored"] == 4
+
+
+def test_the_last_chunk_is_clipped_to_the_file():
+    server = unpaced()
+    server.receive(Request(3, 0, 1024), IP, 0)
+    assert drain(server) == [(3, b) for b in range(5)]
+
+
+def test_empty_file():
+    server = unpaced(0)
+    assert server.receive(Join(1), IP, 0) == [JoinReply(0)]
+    assert server.receive(Join2(1, 0, 1024, 1024, 0, False), IP, 0)[0].bytecount == 0
+    server.receive(Request(0, 0, 1), IP, 0)
+    assert server.pending == 0
+
+
+# --- pacing --------------------------------------------------------------------------------------------------------
+
+
+def test_default_pacing_is_frisbeeds():
+    pacing = Pacing.from_bandwidth(None)
+    assert (pacing.burst, pacing.interval) == (16, 0.002)
+    assert WIRE_BITS_PER_BLOCK == 9168
+    assert pacing.describe() == "Maximum send bandwidth 73.344 Mbits/sec (8000 blocks/sec)"
+
+
+@pytest.mark.parametrize(
+    "bps,blocks_per_second,interval",
+    [
+        (50_000_000, 50_000_000 / 9168, 0.001),  # ~5.45k blocks/s in bursts of 5.45 (the fraction carried)
+        (1_000_000_000, 1_000_000_000 / 9168, 0.001),
+        (9168 * 1000, 1000, 0.001),
+        (9168 * 400, 400, 0.003),  # below one block per ms: one burst every 3 ms (2.5 ms rounded up to the clock)
+    ],
+)
+def test_bandwidth_to_bursts(bps, blocks_per_second, interval):
+    pacing = Pacing.from_bandwidth(bps)
+    assert pacing.interval == pytest.approx(interval)
+    assert pacing.blocks_per_second == pytest.approx(blocks_per_second)
+
+
+def test_rates_over_a_second():
+    # A 3 MiB file is only 3077 blocks, so use a bigger one for the rate itself.
+    big = 100 * CHUNK_BYTES
+    for bps, expect in [(None, 8000), (50_000_000, 5454), (9168 * 400, 400)]:
+        server = Server(big, pacing=Pacing.from_bandwidth(bps))
+        for chunk in range(100):
+            server.receive(Request(chunk, 0, 1024), IP, 0)
+        now, count, bursts = 0.0, 0, set()
+        while now < 1.0 - 1e-9:
+            sends = server.poll(now)
+            count += len(sends.blocks)
+            bursts.add(len(sends.blocks))
+            now = sends.wake_at
+        assert abs(count - expect) <= 1, (bps, count)  # frisbeed truncates bursts to whole blocks; we carry
+        assert max(bursts) <= int(Pacing.from_bandwidth(bps).burst) + 1
+
+
+def test_polling_early_sends_nothing():
+    server = Server(SIZE)
+    server.receive(Request(0, 0, 1024), IP, 0)
+    assert len(server.poll(0).blocks) == 16
+    sends = server.poll(0.0015)
+    assert sends.blocks == [] and sends.wake_at == pytest.approx(0.002)
+
+
+def test_late_polls_do_not_burst_to_catch_up():
+    server = Server(SIZE)
+    server.receive(Request(0, 0, 1024), IP, 0)
+    server.poll(0)
+    sends = server.poll(0.5)  # 250 bursts late
+    assert len(sends.blocks) == 16 and sends.wake_at == pytest.approx(0.502)
+    sends = server.poll(0.0025 + 0.5)  # slightly late: keep the schedule
+    assert len(sends.blocks) == 16 and sends.wake_at == pytest.approx(0.504)
+
+
+def test_unlimited_hands_out_batches_at_once():
+    server = unpaced()
+    server.receive(Request(0, 0, 1024), IP, 0)
+    sends = server.poll(7.0)
+    assert len(sends.blocks) == 32 and sends.wake_at == 7.0
+    assert Pacing.from_bandwidth(0).describe() == "Maximum send bandwidth unlimited"
+
+
+def test_negative_bandwidth_refused():
+    with pytest.raises(ValueError):
+        Pacing.from_bandwidth(-1)
+
+
+# --- idle timeout and bookkeeping ------------------------------------------------------------------------------------
+
+
+def test_idle_timeout_counts_from_the_last_request_or_send():
+    server = Server(SIZE, idle_timeout=30, now=100)
+    sends = server.poll(120)
+    assert sends.wake_at == 130 and not sends.done and not sends.blocks
+    server.receive(Request(0, 0, 16), IP, 125)  # one burst's worth
+    assert server.poll(126).blocks and not server.poll(150).done  # idle since the send at 126
+    assert server.poll(156).done
+
+
+def test_leaves_do_not_keep_the_server_alive():
+    server = Server(SIZE, idle_timeout=30, now=0)
+    server.receive(Join(1), IP, 0)
+    server.receive(Leave(1, 12), IP, 20)
+    assert server.poll(30).done
+
+
+def test_idle_timeout_zero_never_ends():
+    server = Server(SIZE, idle_timeout=0)
+    sends = server.poll(1e9)
+    assert not sends.done and sends.wake_at is None
+
+
+def test_negative_idle_timeout_ends_after_the_last_client_leaves():
+    server = Server(SIZE, idle_timeout=-1)
+    assert server.poll(1e6).wake_at is None  # nobody came yet: wait
+    server.receive(Join(1), IP, 10)
+    server.receive(Join(2), "10.0.0.3", 10)
+    server.receive(Leave(1, 5), IP, 15)
+    assert not server.poll(100).done
+    server.receive(Leave2(2, 6, bytes(1028)), "10.0.0.3", 100)
+    assert not server.poll(101).done and server.poll(102).done
+
+
+def test_log_lines():
+    lines = []
+    server = Server(SIZE, log=lines.append)
+    server.receive(Join(77), IP, 0)
+    server.receive(Progress(77, 0, 5, 1, 1, True, (1, 2, 3)), IP, 1)
+    server.receive(Leave2(77, 42, bytes(1028)), IP, 2)
+    server.receive(Leave(78, 1), IP, 2)
+    assert "10.0.0.2 (id 77) joins (v1)" in lines[0]
+    assert "recv=1 decomp=2 written=3" in lines[1]
+    assert "ran for 42 seconds" in lines[2]
+    assert "spurious leave" in lines[3]
+
+
+@st.composite
+def request_streams(draw):
+    """Any valid message a client could send (chunks partly outside the file), at increasing times."""
+    block = st.integers(0, 1023)
+    msg = st.one_of(
+        st.builds(lambda c, b, n: Request(c, b, min(n, 1024 - b)), st.integers(0, 6), block, st.integers(1, 1024)),
+        st.builds(PRequest, st.integers(0, 6), st.integers(0, 1), st.binary(min_size=128, max_size=128)),
+        st.builds(Join, st.integers(0, 3)),
+        st.builds(Leave, st.integers(0, 3), st.integers(0, 9)),
+    )
+    return draw(st.lists(st.tuples(msg, st.floats(0, 0.01)), max_size=40))
+
+
+@settings(max_examples=200, deadline=None)
+@given(request_streams(), st.sampled_from([None, 0, 50_000_000]))
+def test_any_request_stream_is_served_within_the_file_and_the_rate(stream, bps):
+    server = Server(SIZE, pacing=Pacing.from_bandwidth(bps))
+    wanted: set[tuple[int, int]] = set()
+    sent: list[tuple[int, int]] = []
+    now = 0.0
+    for msg, dt in stream:
+        now += dt
+        server.receive(msg, IP, now)
+        if isinstance(msg, Request):
+            wanted |= {(msg.chunk, b) for b in range(msg.block, msg.block + msg.count)}
+        elif isinstance(msg, PRequest):
+            wanted |= {(msg.chunk, b) for b in range(1024) if msg.blockmap[b // 8] >> (b % 8) & 1}
+        sends = server.poll(now)
+        assert len(sends.blocks) <= (32 if bps == 0 else math.ceil(server.pacing.burst))
+        sent += sends.blocks
+    sent += drain(server, now, now + 100)
+    inside = {(c, b) for c, b in wanted if b < chunk_blocks(SIZE, c)}
+    assert set(sent) == inside  # everything asked for inside the file, nothing else (dropped repeats were in flight)
+
+
+# --- packet sources (frisbee's PacketReceive rule) ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "msg,hdr_ip,from_ip,from_port,client,ok",
+    [
+        (Request(0, 0, 1), "10.0.0.2", "10.0.0.2", 5000, False, True),
+        (Request(0, 0, 1), "10.0.0.9", "10.0.0.2", 5000, False, False),  # header lies about the sender
+        (Request(0, 0, 1), "10.0.0.2", "10.0.0.2", 5001, False, False),  # wrong source port
+        (Request(0, 0, 1), "10.0.0.9", "239.1.1.1", 5000, False, True),  # from the group: header believed
+        (Block(0, 0, bytes(1024)), "10.0.0.1", "239.1.1.1", 5000, True, False),  # only a server sends BLOCKs
+        (Progress(1, 0, 1, 1, 1, False), "10.0.0.1", "239.1.1.1", 5000, True, False),
+        (Progress(1, 0, 1, 1, 1, True), "10.0.0.1", "239.1.1.1", 5000, True, True),
+        (Block(0, 0, bytes(1024)), "10.0.0.1", "10.0.0.1", 5000, True, True),
+    ],
+)
+def test_accept_source(msg, hdr_ip, from_ip, from_port, client, ok):
+    assert accept_source(msg, hdr_ip, from_ip, from_port, session_addr="239.1.1.1", port=5000, client=client) is ok
+
+
+def test_mode_by_address():
+    assert mode_of("239.192.1.1", False) == "multicast"
+    assert mode_of("224.0.0.251", True) == "multicast"
+    assert mode_of("255.255.255.255", True) == "broadcast"
+    assert mode_of("10.1.2.3", False) == "unicast"
+
+
+def test_subnet_broadcast_choice():
+    found = [
+        Interface("lo", "127.0.0.1", 0x1 | 0x8, None),
+        Interface("eth0", "10.1.2.3", 0x1 | 0x2, "10.1.2.255"),
+        Interface("eth1", "10.9.0.1", 0x2, "10.9.255.255"),  # down
+    ]
+    assert subnet_broadcast("10.1.2.3", found) == "10.1.2.255"
+    assert subnet_broadcast("10.9.0.1", found) is None
+    assert subnet_broadcast("127.0.0.1", found) is None
+    assert any(i.name == "lo" and i.addr == "127.0.0.1" and i.broadcast is None for i in net.interfaces())
+
+
+# --- the shell on loopback -----------------------------------------------------------------------------------------
+
+CLIENT_IP, SERVER_IP = "127.0.0.2", "127.0.0.1"
+_ports = itertools.count(41000 + os.getpid() % 1000 * 7)
+
+
+def free_port() -> int:
+    while True:
+        port = next(_ports)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
+
+
+class TinyClient:
+    """A raw-socket frisbee client on 127.0.0.2 talking unicast to a server on 127.0.0.1 (whose -m is us)."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # the server holds 0.0.0.0:port
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        self.sock.bind((CLIENT_IP, port))
+
+    def send(self, msg, ip: str = CLIENT_IP) -> None:
+        self.sock.sendto(encode(msg, ip), (SERVER_IP, self.port))
+
+    def recv(self, timeout: float = 5.0):
+        self.sock.settimeout(timeout)
+        datagram, source = self.sock.recvfrom(2048)
+        assert source == (SERVER_IP, self.port)
+        return decode(datagram)
+
+    def join(self, msg):
+        for _ in range(20):  # as frisbee: resend until the reply comes
+            self.send(msg)
+            with contextlib.suppress(socket.timeout):
+                while True:
+                    reply, ip = self.recv(0.5)
+                    if not isinstance(reply, Block):
+                        return reply, ip
+        raise AssertionError("no JOIN reply")
+
+    def fetch(self, size: int, chunks: list[int] | None = None) -> dict[tuple[int, int], bytes]:
+        """Request chunks, re-request what is missing (PREQUEST) until every block is in."""
+        chunks = list(range(total_chunks(size))) if chunks is None else chunks
+        got: dict[tuple[int, int], bytes] = {}
+        for c in chunks:
+            self.send(Request(c, 0, chunk_blocks(size, c)))
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                msg, ip = self.recv(0.3)
+                assert ip == SERVER_IP
+                got[msg.chunk, msg.block] = msg.data
+            except socket.timeout:
+                missing = {c: [b for b in range(chunk_blocks(size, c)) if (c, b) not in got] for c in chunks}
+                if not any(missing.values()):
+                    return got
+                for c, blocks in missing.items():
+                    if blocks:
+                        self.send(PRequest(c, 1, bitmap_of(blocks)))
+        raise AssertionError("blocks still missing after 60 s")
+
+    def close(self):
+        self.sock.close()
+
+
+@contextlib.contextmanager
+def serving(path: Path, port: int, **kw):
+    stop, ready, result = threading.Event(), threading.Event(), {}
+    lines: list[str] = []
+
+    def run():
+        try:
+            result["stats"] = serve(
+                str(path), CLIENT_IP, port, SERVER_IP, reuse_addr=True, stop=stop,
+                on_ready=lambda ep: ready.set(), log=lines.append, **kw,
+            )
+        except BaseException as err:  # handed to the test
+            result["error"] = err
+            ready.set()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    if "error" in result:
+        raise result["error"]
+    client = TinyClient(port)
+    try:
+        yield client, result, lines
+    finally:
+        client.close()
+        stop.set()
+        thread.join(10)
+        assert not thread.is_alive()
+    if "error" in result:
+        raise result["error"]
+
+
+def assemble(got: dict[tuple[int, int], bytes], size: int) -> bytes:
+    return b"".join(got[k] for k in sorted(got))
+
+
+@pytest.fixture
+def odd_file(tmp_path) -> tuple[Path, bytes]:
+    data = os.urandom(SIZE)  # not a multiple of the block size: the last block goes out padded
+    path = tmp_path / "odd.bin"
+    path.write_bytes(data)
+    return path, data
+
+
+def test_serve_delivers_the_file_bytes(odd_file):
+    path, data = odd_file
+    with serving(path, free_port()) as (client, result, lines):
+        reply, ip = client.join(Join2(4242, 0, 1024, 1024, 0, False))
+        assert (reply, ip) == (Join2(4242, 0, 1024, 1024, SIZE, True), SERVER_IP)
+        reply, _ = client.join(Join(4242))
+        assert reply == JoinReply(3 * 1024 + 5)
+        started = time.monotonic()
+        got = client.fetch(SIZE)
+        elapsed = time.monotonic() - started
+        client.send(Leave2(4242, 3, bytes(1028)))
+        time.sleep(0.2)
+    blob = assemble(got, SIZE)
+    assert blob[:SIZE] == data and blob[SIZE:] == bytes(len(blob) - SIZE)
+    assert len(got) == 3 * 1024 + 5
+    # Default pacing is 8000 blocks/s: 3077 blocks cannot arrive in much less than 0.38 s.
+    assert elapsed > 3077 / 8000 - 0.02
+    assert any("Maximum send bandwidth 73.344 Mbits/sec" in line for line in lines)
+    assert any("ran for 3 seconds" in line for line in lines)
+    assert result["stats"]["blocks"] >= 3077
+
+
+def test_serve_unlimited_and_single_chunk(odd_file):
+    path, data = odd_file
+    with serving(path, free_port(), bandwidth=0) as (client, result, lines):
+        got = client.fetch(SIZE, [2])
+    assert assemble(got, SIZE) == data[2 * CHUNK_BYTES : 3 * CHUNK_BYTES]
+
+
+def test_serve_drops_bad_packets_and_keeps_going(odd_file):
+    path, data = odd_file
+    with serving(path, free_port(), bandwidth=0) as (client, result, lines):
+        client.sock.sendto(b"garbage", (SERVER_IP, client.port))
+        client.sock.sendto(encode(Request(0, 0, 1024), CLIENT_IP)[:20], (SERVER_IP, client.port))
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other:  # right header, wrong source port
+            other.bind((CLIENT_IP, 0))
+            other.sendto(encode(Request(1, 0, 1024), CLIENT_IP), (SERVER_IP, client.port))
+        client.send(Request(9, 0, 1024))  # no chunk 9
+        got = client.fetch(SIZE, [3])
+        time.sleep(0.1)
+    assert assemble(got, SIZE)[: SIZE - 3 * CHUNK_BYTES] == data[3 * CHUNK_BYTES :]
+    assert result["stats"]["bad_packets"] == 3
+    assert result["stats"]["ignored"] == 1
+    assert any("bad message source" in line for line in lines)
+    assert (1, 0) not in got
+
+
+def test_serve_returns_when_idle(odd_file):
+    path, _ = odd_file
+    port = free_port()
+    started = time.monotonic()
+    stats = serve(str(path), CLIENT_IP, port, SERVER_IP, idle_timeout=0.4, log=lambda line: None)
+    assert 0.35 < time.monotonic() - started < 5
+    assert stats["blocks"] == 0
+
+
+def test_serve_errors_are_one_line_nodeagent_errors(tmp_path, odd_file):
+    path, _ = odd_file
+    with pytest.raises(SourceError, match="No such file"):
+        serve(str(tmp_path / "missing.ndz"), CLIENT_IP, free_port(), SERVER_IP)
+    with pytest.raises(SourceError, match="not a regular file"):
+        serve(str(tmp_path), CLIENT_IP, free_port(), SERVER_IP)
+    port = free_port()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as holder:
+        holder.bind(("0.0.0.0", port))
+        with pytest.raises(AddressInUse, match="in use") as info:
+            serve(str(path), CLIENT_IP, port, SERVER_IP)
+    assert info.value.exit_status == errno.EADDRINUSE and isinstance(info.value, NodeagentError)
+    with pytest.raises(NodeagentError, match="not an IPv4"):
+        serve(str(path), "a" * 64, free_port())  # a bad name that fails in the IDNA codec, before any DNS query
+    with pytest.raises(NodeagentError, match="bandwidth"):
+        serve(str(path), CLIENT_IP, free_port(), SERVER_IP, bandwidth=-1)
+
+
+def test_endpoint_reports_the_bound_port_and_sockopts():
+    with open_endpoint("server", CLIENT_IP, 0, SERVER_IP) as ep:
+        assert ep.port > 0 and ep.dest == (CLIENT_IP, ep.port) and ep.local_ip == SERVER_IP and ep.mode == "unicast"
+        assert ep.recv(0) is None
+        sock = ep._socks[0]
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) >= 1 << 20
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR) == 0  # frisbeed: a busy port is an error
+
+
+def test_encode_block_is_encode_of_block():
+    data = os.urandom(BLOCK_SIZE)
+    assert encode_block(5, 17, data, "10.0.0.1") == encode(Block(5, 17, data), "10.0.0.1")
+
+
+# --- interop: the real frisbee client against our server, in private network namespaces --------------------------
+
+FRISBEE = os.environ.get("NODEAGENT_FRISBEE", "")
+needs_frisbee = pytest.mark.skipif(
+    not (FRISBEE and os.access(FRISBEE, os.X_OK) and os.geteuid() == 0),
+    reason="set NODEAGENT_FRISBEE to the real frisbee client (and run as root: network namespaces)",
+)
+_nets = itertools.count(1)
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True)
+
+
+@contextlib.contextmanager
+def two_hosts():
+    """Namespaces 'server' (10.79.N.1) and 'client' (10.79.N.2) joined by a veth pair, with a multicast route.
+    Yields (server_ns, client_ns, server_ip, client_ip, broadcast)."""
+    n = next(_nets)
+    tag = f"nafs{os.getpid() % 100000}x{n}"
+    names = [f"{tag}s", f"{tag}c"]
+    net_ = f"10.79.{(os.getpid() + n) % 250}"
+    made = []
+    try:
+        for ns in names:
+            _ip("netns", "add", ns)
+            made.append(ns)
+            _ip("-n", ns, "link", "set", "lo", "up")
+        _ip("-n", names[0], "link", "add", "v0", "type", "veth", "peer", "name", "v1", "netns", names[1])
+        for ns, dev, host in ((names[0], "v0", 1), (names[1], "v1", 2)):
+            _ip("-n", ns, "addr", "add", f"{net_}.{host}/24", "broadcast", f"{net_}.255", "dev", dev)
+            _ip("-n", ns, "link", "set", dev, "up")
+            _ip("-n", ns, "route", "add", "224.0.0.0/4", "dev", dev)
+        yield names[0], names[1], f"{net_}.1", f"{net_}.2", f"{net_}.255"
+    finally:
+        for ns in made:
+            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), 9)
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def start_server(ns: str, path: Path, addr: str, port: int, ifaddr: str, *, broadcast=False, bandwidth=None):
+    code = (
+        "import sys; from agent.frisbee.serve import serve; "
+        f"serve({str(path)!r}, {addr!r}, {port}, {ifaddr!r}, broadcast={broadcast}, bandwidth={bandwidth!r}, "
+        "idle_timeout=-1)"  # the server ends 2 s after its last client leaves
+    )
+    return subprocess.Popen(
+        ["ip", "netns", "exec", ns, sys.executable, "-c", code],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
+def run_frisbee(ns: str, out: Path, addr: str, port: int, ifaddr: str, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["ip", "netns", "exec", ns, FRISBEE, "-m", addr, "-p", str(port), "-i", ifaddr, "-T", "20", *flags, str(out)],
+        capture_output=True, text=True, timeout=120,
+    )
+
+
+def finish(server: subprocess.Popen) -> str:
+    try:
+        _, err = server.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        _, err = server.communicate()
+        raise AssertionError(f"our server did not end after its client left:\n{err.decode()}")
+    assert server.returncode == 0, err.decode()
+    return err.decode()
+
+
+def nodeagent_restore(image: Path, out: Path) -> bytes:
+    subprocess.run([sys.executable, "-m", "agent", "image", "-q", str(image), str(out)], check=True, cwd=ROOT)
+    return out.read_bytes()
+
+
+def same_restore(frisbee_out: Path, expected: bytes) -> bool:
+    # frisbee, like imageunzip, truncates a regular-file target and stops at the last sector it writes.
+    got = frisbee_out.read_bytes()
+    return len(got) <= len(expected) and got == expected[: len(got)] and not expected[len(got) :].strip(b"\0")
+
+
+@needs_frisbee
+@pytest.mark.parametrize(
+    "mode,image",
+    [
+        ("multicast", "diskB-mbr-v3.ndz"),
+        ("multicast", "fsA-fsaware-v5.ndz"),
+        ("unicast", "fsA-raw-v3.ndz"),
+        ("broadcast", "fsA-fsaware-v3.ndz"),
+    ],
+)
+def test_real_frisbee_client_from_our_server(mode, image, tmp_path):
+    source = FIXTURES / image
+    expected = nodeagent_restore(source, tmp_path / "nodeagent.img")
+    out = tmp_path / "frisbee.img"
+    port = 5000 + next(_nets)
+    with two_hosts() as (sns, cns, sip, cip, bcast):
+        if mode == "multicast":
+            saddr = caddr = "239.192.7.1"
+        elif mode == "unicast":
+            saddr, caddr = cip, sip  # each names the other
+        else:
+            saddr = caddr = "255.255.255.255"  # narrowed to the veth subnet by -i on both sides
+        server = start_server(sns, source, saddr, port, sip, broadcast=mode == "broadcast")
+        time.sleep(0.5)
+        flags = ["-b"] if mode == "broadcast" else []
+        client = run_frisbee(cns, out, caddr, port, cip, *flags)
+        log = finish(server)
+    assert client.returncode == 0, client.stdout + client.stderr
+    assert same_restore(out, expected), f"frisbee's restore differs from nodeagent image's\n{client.stderr}"
+    assert "joins (v1)" in log and "ran for" in log
+    if mode == "broadcast":
+        assert f"Limiting broadcasts using {bcast}" in log
+
+
+@needs_frisbee
+def test_real_frisbee_client_raw_file_mode(tmp_path):
+    # frisbee -N joins with JOIN2 and writes the file as received: any file, of any size, byte for byte.
+    data = os.urandom(2 * CHUNK_BYTES + 777)
+    source = tmp_path / "any.bin"
+    source.write_bytes(data)
+    out = tmp_path / "copy.bin"
+    with two_hosts() as (sns, cns, sip, cip, _):
+        server = start_server(sns, source, "239.192.7.2", 5100, sip, bandwidth=200_000_000)
+        time.sleep(0.5)
+        client = run_frisbee(cns, out, "239.192.7.2", 5100, cip, "-N")
+        log = finish(server)
+    assert client.returncode == 0, client.stdout + client.stderr
+    assert out.read_bytes() == data
+    assert "joins (v2)" in log
+
+
+@needs_frisbee
+def test_two_real_clients_at_once(tmp_path):
+    source = FIXTURES / "fsA-raw-v3.ndz"
+    expected = nodeagent_restore(source, tmp_path / "nodeagent.img")
+    outs = [tmp_path / "a.img", tmp_path / "b.img"]
+    with two_hosts() as (sns, cns, sip, cip, _):
+        server = start_server(sns, source, "239.192.7.3", 5200, sip)
+        time.sleep(0.5)
+        clients = [
+            subprocess.Popen(
+                ["ip", "netns", "exec", cns, FRISBEE, "-m", "239.192.7.3", "-p", "5200", "-i", cip, "-T", "20", str(o)],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            )
+            for o in outs
+        ]
+        logs = [c.communicate(timeout=120)[0] for c in clients]
+        finish(server)
+    assert [c.returncode for c in clients] == [0, 0], logs
+    assert all(same_restore(o, expected) for o in outs)
+
+
+@needs_frisbee
+def test_real_frisbee_client_recovers_losses_from_our_unpaced_server(tmp_path):
+    # A 16 KiB client socket buffer against an unpaced server: the client drops blocks (typically ~20%) and asks
+    # for them again with PREQUESTs, which our server merges and serves.
+    source = FIXTURES / "fsA-raw-v3.ndz"
+    expected = nodeagent_restore(source, tmp_path / "nodeagent.img")
+    out = tmp_path / "frisbee.img"
+    with two_hosts() as (sns, cns, sip, cip, _):
+        server = start_server(sns, source, "239.192.7.4", 5300, sip, bandwidth=0)
+        time.sleep(0.5)
+        client = run_frisbee(cns, out, "239.192.7.4", 5300, cip, "-k", "16")
+        finish(server)
+    assert client.returncode == 0, client.stdout + client.stderr
+    assert same_restore(out, expected), client.stderr
+
+
+# --- our client-side endpoint (net.open_endpoint "client") against our server, in namespaces ------------------------
+
+needs_root_netns = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")
+
+
+def endpoint_client(addr: str, port: int, ifaddr: str, broadcast: bool, size: int) -> None:
+    """Run in the client namespace: fetch the whole file through a client endpoint, print its sha256."""
+    import hashlib
+
+    got: dict[tuple[int, int], bytes] = {}
+    with open_endpoint("client", addr, port, ifaddr, broadcast) as ep:
+        server_ip = None
+        while server_ip is None:
+            ep.send(encode(Join(99), ep.local_ip))
+            if (got_dgram := ep.recv(0.5)) is not None:
+                msg, hdr_ip = decode(got_dgram[0])
+                ok = accept_source(msg, hdr_ip, *got_dgram[1], session_addr=ep.dest[0], port=ep.port, client=True)
+                if ok and isinstance(msg, JoinReply):
+                    assert msg.blockcount * BLOCK_SIZE == size
+                    server_ip = hdr_ip
+        chunks = total_chunks(size)
+        for c in range(chunks):
+            ep.send(encode(Request(c, 0, chunk_blocks(size, c)), ep.local_ip))
+        while len(got) < size // BLOCK_SIZE:
+            item = ep.recv(1.0)
+            if item is None:
+                for c in range(chunks):
+                    missing = [b for b in range(chunk_blocks(size, c)) if (c, b) not in got]
+                    if missing:
+                        ep.send(encode(PRequest(c, 1, bitmap_of(missing)), ep.local_ip))
+                continue
+            msg, hdr_ip = decode(item[0])
+            ok = accept_source(msg, hdr_ip, *item[1], session_addr=ep.dest[0], port=ep.port, client=True)
+            if ok and isinstance(msg, Block) and hdr_ip == server_ip:
+                got[msg.chunk, msg.block] = msg.data
+        ep.send(encode(Leave(99, 1), ep.local_ip))
+    print(hashlib.sha256(b"".join(got[k] for k in sorted(got))).hexdigest())
+
+
+@needs_root_netns
+@pytest.mark.parametrize("mode", ["multicast", "broadcast", "unicast"])
+def test_client_endpoint_against_our_server(mode, tmp_path):
+    import hashlib
+
+    source = FIXTURES / "fsA-fsaware-v3.ndz"
+    size = source.stat().st_size
+    port = 5400 + next(_nets)
+    with two_hosts() as (sns, cns, sip, cip, bcast):
+        saddr, caddr = {
+            "multicast": ("239.192.7.5", "239.192.7.5"),
+            "broadcast": ("255.255.255.255", "255.255.255.255"),
+            "unicast": (cip, sip),
+        }[mode]
+        server = start_server(sns, source, saddr, port, sip, broadcast=mode == "broadcast")
+        time.sleep(0.5)
+        code = (
+            "import test_frisbee_server as t; "
+            f"t.endpoint_client({caddr!r}, {port}, {cip!r}, {mode == 'broadcast'}, {size})"
+        )
+        client = subprocess.run(
+            ["ip", "netns", "exec", cns, sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+            timeout=120, env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"},
+        )
+        log = finish(server)
+    assert client.returncode == 0, client.stderr
+    assert client.stdout.strip() == hashlib.sha256(source.read_bytes()).hexdigest()
+    assert "(id 99) joins (v1)" in log and "bad" not in log.split("Exiting:")[0]
+
+
+@needs_root_netns
+def test_server_survives_icmp_errors_from_a_vanished_unicast_client(tmp_path):
+    # The unicast client asks for a chunk and goes away: every BLOCK to it draws an ICMP port unreachable, which
+    # IP_RECVERR reports on the server's socket. The server carries on and ends by its idle timeout.
+    source = FIXTURES / "fsA-raw-v3.ndz"
+    with two_hosts() as (sns, cns, sip, cip, _):
+        code = (
+            "from agent.frisbee.serve import serve; "
+            f"serve({str(source)!r}, {cip!r}, 5500, {sip!r}, idle_timeout=1)"
+        )
+        server = subprocess.Popen(
+            ["ip", "netns", "exec", sns, sys.executable, "-c", code],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        time.sleep(0.5)
+        ask = (
+            "import socket; from agent.frisbee.packets import Request, encode; "
+            "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+            f"s.bind(({cip!r}, 5500)); s.sendto(encode(Request(0, 0, 1024), {cip!r}), ({sip!r}, 5500))"
+        )
+        subprocess.run(["ip", "netns", "exec", cns, sys.executable, "-c", ask], cwd=ROOT, check=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+        log = finish(server)
+    assert "Exiting: 1024 blocks sent" in log, log
