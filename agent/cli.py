@@ -22,7 +22,7 @@ def _frisbee_address(spec: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def _image_source(args):
+def _image_source(args, progress):
     """SOURCE from the positional arguments or frisbee's -m/-p flags; returns (source, target path)."""
     from .io.sources import open_source
 
@@ -40,7 +40,8 @@ def _image_source(args):
     from .frisbee.receive import FrisbeeSource
 
     source = FrisbeeSource(
-        addr, port, ifaddr=args.ifaddr, broadcast=args.broadcast, idle_timeout=args.timeout, memory_mb=args.memory
+        addr, port, ifaddr=args.ifaddr, broadcast=args.broadcast, idle_timeout=args.timeout, memory_mb=args.memory,
+        progress=progress,  # what has been written goes into the answers to the server's PROGRESS requests
     )
     return source, paths[-1]
 
@@ -50,7 +51,8 @@ def _image(args) -> int:
     from .io.target import Target
     from .progress import Progress
 
-    source, target_path = _image_source(args)
+    progress = Progress("written", quiet=args.quiet)
+    source, target_path = _image_source(args, progress)
     args.target = target_path
     try:
         target = Target(target_path, force=args.force)
@@ -58,7 +60,6 @@ def _image(args) -> int:
         source.close()
         raise
     try:
-        progress = Progress("written", quiet=args.quiet)
         result = restore(source, target, zero=args.zero, progress=progress)
         zeroed = f", {result.zeroed_bytes / MiB:.1f} MiB zeroed" if args.zero else ""
         progress.finish(

@@ -39,10 +39,18 @@ class Progress:
         self.started = clock()
         self._last = self.started
         self.done = 0
+        self.fraction: float | None = None
 
     def line(self) -> str:
         elapsed = max(self.clock() - self.started, 1e-9)
         rate = self.done / elapsed / MiB
+        if self.fraction is not None:  # progress known in other units (chunks of a network transfer)
+            pct = min(100, int(self.fraction * 100))
+            left = elapsed * (1 - self.fraction) / self.fraction if self.fraction else 0
+            return (
+                f"Progress: {pct}% {self.what} {self.done / MiB:.1f} MiB, {rate:.1f} MiB/s, "
+                f"{_eta(elapsed)} elapsed, ETA {_eta(left)}"
+            )
         if self.total:
             pct = min(100, self.done * 100 // self.total)
             left = (self.total - self.done) / (self.done / elapsed) if self.done else 0
@@ -52,8 +60,10 @@ class Progress:
             )
         return f"Progress: {self.what} {self.done / MiB:.1f} MiB, {rate:.1f} MiB/s, {_eta(elapsed)} elapsed"
 
-    def update(self, done: int) -> None:
+    def update(self, done: int, fraction: float | None = None) -> None:
+        """`done` bytes so far; `fraction` of the whole when the total is known in other units."""
         self.done = done
+        self.fraction = fraction
         now = self.clock()
         if self.quiet or now - self._last < self.interval:
             return

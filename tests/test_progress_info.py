@@ -65,3 +65,11 @@ def test_info_check_finds_a_corrupt_stream(tmp_path, run_cli):
     assert run_cli("info", bad).returncode == 0  # headers are fine
     proc = run_cli("info", "-c", bad)
     assert proc.returncode == 1 and "chunk 3" in proc.err and "Traceback" not in proc.err
+
+
+def test_fraction_from_other_units():
+    out, clock = io.StringIO(), FakeClock()
+    p = Progress("written", stream=out, clock=clock)
+    clock.t += 10
+    p.update(40 << 20, fraction=0.25)
+    assert out.getvalue().startswith("Progress: 25% written 40.0 MiB, 4.0 MiB/s, 0:00:10 elapsed, ETA 0:00:30")

@@ -145,7 +145,8 @@ def restore(
         result.data_bytes += data
         result.zeroed_bytes += zeroed
         if progress is not None:
-            progress.update(result.data_bytes)
+            total_chunks = getattr(source, "total_chunks", None) if summary is None else None
+            progress.update(result.data_bytes, result.chunks / total_chunks if total_chunks else None)
     if zero and target.is_block and target.size > result.covered_end:
         # As imageunzip -z: the rest of the device after the image is free space too.
         target.zero(result.covered_end, target.size - result.covered_end)
