@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import struct
 
 import pytest
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 
 from agent.frisbee.packets import (
     BITMAP_BYTES,
+    BLOCK_DATA_OFFSET,
     BLOCK_SIZE,
     BLOCKS_PER_CHUNK,
     CHUNK_BYTES,
@@ -27,6 +29,7 @@ from agent.frisbee.packets import (
     Progress,
     Request,
     bitmap_of,
+    block_header,
     blocks_in,
     chunk_blocks,
     decode,
@@ -336,3 +339,22 @@ def test_sizes(size, chunks, last_blocks):
         assert chunk_blocks(size, chunks - 1) == last_blocks
         assert all(chunk_blocks(size, c) == 1024 for c in range(chunks - 1))
     assert chunk_blocks(size, chunks) == 0 and chunk_blocks(size, -1) == 0
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(min_size=0, max_size=1100), st.integers(0, 1047), st.binary(min_size=1, max_size=4))
+def test_block_fast_path_agrees_with_decode(noise, at, patch):
+    """block_header accepts exactly the BLOCKs decode accepts, with the same fields."""
+    good = bytearray(encode(Block(3, 7, bytes(range(256)) * 4), "10.1.2.3"))
+    good[at : at + len(patch)] = patch
+    for datagram in (bytes(good), noise):
+        head = block_header(datagram)
+        try:
+            msg, srcip = decode(datagram)
+        except PacketError:
+            msg = None
+        if isinstance(msg, Block):
+            assert head == (msg.chunk, msg.block, socket.inet_aton(srcip))
+            assert datagram[BLOCK_DATA_OFFSET : BLOCK_DATA_OFFSET + 1024] == msg.data
+        else:
+            assert head is None

@@ -38,6 +38,7 @@ from typing import NamedTuple, Union
 
 from ..errors import SourceError
 from .packets import (
+    BLOCK_DATA_OFFSET,
     BLOCK_SIZE,
     BLOCKS_PER_CHUNK,
     CHUNK_BYTES,
@@ -53,6 +54,7 @@ from .packets import (
     PRequest,
     Progress,
     Request,
+    block_header,
     chunk_blocks,
     decode,
     encode,
@@ -246,6 +248,13 @@ class Client:
         if self._phase == _DONE:
             return []
         ip, port = source[0], source[1]
+        if self._phase == _RECEIVING:
+            head = block_header(data)  # the fast path for what almost every datagram is
+            if head is not None and head[2] == self._server_raw and ip == self.server_ip and (
+                self.port is None or port == self.port
+            ):
+                self._last_server = now
+                return self._got_block(head[0], head[1], memoryview(data)[BLOCK_DATA_OFFSET:], now)
         try:
             msg, srcip = decode(data)
         except PacketError:
@@ -263,7 +272,7 @@ class Client:
             if not from_server:
                 self.stats.foreign_blocks += 1
                 return []
-            return self._got_block(msg, now)
+            return self._got_block(msg.chunk, msg.block, msg.data, now)
         if isinstance(msg, (Request, PRequest)):
             self._snoop(msg, now)
         elif isinstance(msg, Progress) and not msg.reply and from_server and msg.clientid in (0, self.clientid):
@@ -296,6 +305,7 @@ class Client:
         else:
             return []  # data before our reply: frisbee throws it away too
         self.server_ip = srcip
+        self._server_raw = socket.inet_aton(srcip)
         self._last_server = now
         self._setup(total)
         self._phase = _RECEIVING
@@ -335,19 +345,19 @@ class Client:
     # -----------------------------------------------------------------------------------------------------------
     # receiving
 
-    def _got_block(self, msg: Block, now: float) -> list[Event]:
+    def _got_block(self, chunk: int, block: int, data, now: float) -> list[Event]:
         self.stats.blocks += 1
         self._backoff = 0  # the server is alive
-        if msg.chunk >= self.total_chunks or msg.block >= chunk_blocks(self.total_bytes, msg.chunk):
+        if chunk >= self.total_chunks or block >= chunk_blocks(self.total_bytes, chunk):
             self.stats.bad_packets += 1  # outside the file (frisbee's PacketValid, and past a short last chunk)
             return []
-        events = self._store_block(msg, now)
+        events = self._store_block(chunk, block, data, now)
         previous, top = self._last_chunk, self._run_top
-        if msg.chunk == previous:
-            self._run_top = max(top, msg.block)
+        if chunk == previous:
+            self._run_top = max(top, block)
             self._last_block_at = now
             return events
-        self._last_chunk, self._run_top = msg.chunk, msg.block
+        self._last_chunk, self._run_top = chunk, block
         buf = self._filling.get(previous)
         if buf is not None and self._stamp[previous] <= self._last_block_at and self._phase == _RECEIVING:
             # The server sends a chunk's blocks in ascending runs, one run at a time: it has moved on, so the holes
@@ -360,8 +370,7 @@ class Client:
         self._last_block_at = now
         return events
 
-    def _store_block(self, msg: Block, now: float) -> list[Event]:
-        chunk, block = msg.chunk, msg.block
+    def _store_block(self, chunk: int, block: int, data, now: float) -> list[Event]:
         if self._done[chunk]:
             self.stats.dup_chunks += 1
             return []
@@ -380,7 +389,7 @@ class Client:
         offset = block * BLOCK_SIZE
         # Copy no more than the file holds: the bytes after its end stay zero whatever the server padded with.
         n = min(BLOCK_SIZE, self.total_bytes - chunk * CHUNK_BYTES - offset)
-        buf.data[offset : offset + n] = msg.data[:n]
+        buf.data[offset : offset + n] = data[:n]
         buf.missing ^= bit
         self.stats.useful_blocks += 1
         self._idle_at = now + IDLE_DELAY

@@ -21,6 +21,7 @@ from .net import Endpoint, open_endpoint
 
 RECV_TIMEOUT = 0.03  # frisbee's PKTRCV_TIMEOUT
 RECV_BATCH = 64  # datagrams handled per lock hold
+RECV_SOCKBUF = 4 << 20
 STOP_JOIN = 2.0  # seconds close() waits for the network thread
 
 
@@ -67,7 +68,8 @@ class FrisbeeSource:
         # which servers then reject. The address the route to the server uses is what they will see.
         if ifaddr is None:
             ifaddr = _route_source(addr, port)
-        self._endpoint: Endpoint = open_endpoint("client", addr, port, ifaddr, broadcast)
+        # frisbee's largest socket buffer (-k 4096): a node busy writing its disk must not lose a burst meanwhile.
+        self._endpoint: Endpoint = open_endpoint("client", addr, port, ifaddr, broadcast, sockbuf=RECV_SOCKBUF)
         self._client = Client(
             self._endpoint.local_ip,
             port=self._endpoint.port,

@@ -37,6 +37,7 @@ from .packets import (
 BURST_SIZE = 16  # SERVER_BURST_SIZE: blocks per burst by default
 BURST_GAP = 0.002  # SERVER_BURST_GAP: 2000 us between bursts by default
 CLOCK = 0.001  # frisbeed assumes a 1 ms sleep resolution on Linux and paces in whole ticks
+CATCHUP = 0.010  # the most sending time a late burst makes up for
 WIRE_BITS_PER_BLOCK = (1080 + 28 + 38) * 8  # sizeof(Packet_t) + IP/UDP + Ethernet framing, in bits
 UNLIMITED_BATCH = 32  # blocks handed out per poll when unpaced (frisbeed's SERVER_READ_SIZE)
 LEAVE_GRACE = 2.0  # with a negative idle timeout, exit this long after the last client leaves
@@ -229,14 +230,15 @@ class Server:
         due = self._next_burst
         if due is not None and now < due:
             return Sends([], due)
-        # A burst is due. If we are more than a whole gap late, restart the clock from now rather than
-        # bursting to catch up (frisbeed does the same after an overrun).
-        base = now if due is None or now - due >= pacing.interval else due
-        self._credit += pacing.burst
+        # A burst is due. Bursts missed because we woke late (a busy machine) are made up for, at most CATCHUP
+        # seconds' worth at once, so -W stays the rate actually sent without ever flooding the switch; frisbeed
+        # restarts its clock instead and falls below -W whenever it is descheduled.
+        missed = 0 if due is None else int((now - due) / pacing.interval)
+        self._credit += pacing.burst * (1 + min(missed, math.ceil(CATCHUP / pacing.interval)))
         count = int(self._credit)
         self._credit -= count
         blocks = self._take(count)
-        self._next_burst = base + pacing.interval
+        self._next_burst = (now if due is None else due + missed * pacing.interval) + pacing.interval
         if not self._has_work():
             self._went_idle(now)
             return Sends(blocks, self._idle_deadline())
