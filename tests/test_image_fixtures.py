@@ -134,17 +134,22 @@ def test_stdin_to_small_device_stops_at_the_first_chunk_that_does_not_fit(tmp_pa
     assert len(backing.read_bytes()) == 8 << 20
 
 
-@needs_root
-def test_mounted_target_is_refused(tmp_path, tmp_path_factory, run_cli):
+def image_onto_mounted_device(run_cli, tmp_path, tmp_path_factory, *flags):
+    """Run `image` onto a loop device whose filesystem is mounted read-only meanwhile."""
     backing = tmp_path / "fs.img"
     run_cli("image", FIXTURES / "fsA-raw-v3.ndz", backing, check=True)
     with loop_device(backing) as dev:
         point = tmp_path_factory.mktemp("mnt")
         subprocess.run(["mount", "-o", "ro", dev, str(point)], check=True)
         try:
-            proc = run_cli("image", FIXTURES / "fsA-raw-v3.ndz", dev)
+            return run_cli("image", *flags, FIXTURES / "fsA-raw-v3.ndz", dev)
         finally:
             subprocess.run(["umount", str(point)], check=True)
+
+
+@needs_root
+def test_mounted_target_is_refused(tmp_path, tmp_path_factory, run_cli):
+    proc = image_onto_mounted_device(run_cli, tmp_path, tmp_path_factory)
     assert proc.returncode != 0
     assert "mounted on" in proc.err and "--force" in proc.err
 
@@ -170,13 +175,5 @@ def test_file_target_is_never_shrunk(tmp_path, run_cli):
 
 @needs_root
 def test_force_writes_to_a_mounted_device(tmp_path, tmp_path_factory, run_cli):
-    backing = tmp_path / "fs.img"
-    run_cli("image", FIXTURES / "fsA-raw-v3.ndz", backing, check=True)
-    with loop_device(backing) as dev:
-        point = tmp_path_factory.mktemp("mnt")
-        subprocess.run(["mount", "-o", "ro", dev, str(point)], check=True)
-        try:
-            proc = run_cli("image", "--force", FIXTURES / "fsA-raw-v3.ndz", dev)
-        finally:
-            subprocess.run(["umount", str(point)], check=True)
+    proc = image_onto_mounted_device(run_cli, tmp_path, tmp_path_factory, "--force")
     assert proc.returncode == 0, proc.err
