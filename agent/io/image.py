@@ -117,8 +117,12 @@ def restore(
     seen = Coverage()
     first_ids: ImageSummary = ImageSummary()
 
+    # A random-access source hands out header areas here and its data to the workers (source.load), so that
+    # reading the image is spread over the cores too.
+    load = getattr(source, "load", None) if summary is not None else None
+
     def checked_chunks() -> Iterator[tuple[ChunkHeader, bytes, int]]:
-        for index, chunk in source.chunks():
+        for index, chunk in source.header_areas() if load else source.chunks():
             header = decode(chunk, index)
             _check_image_id(first_ids, header, index)
             first_ids.add(header)
@@ -137,6 +141,8 @@ def restore(
 
     def work(item) -> tuple[int, int]:
         header, chunk, index = item
+        if load:
+            chunk = load(index, header.regionsize + header.size)
         return restore_chunk(target, header, chunk, index, zero)
 
     # Enough chunks in flight that a worker never waits while another inflates a big one (about 1 MiB each).

@@ -27,6 +27,8 @@ class ChunkSource(Protocol):
 
     # Optional, for sources that cannot list headers but can fetch the last chunk first (frisbee):
     # def preflight(self) -> tuple[int, bytes]: the last chunk's index and header area, before chunks() starts.
+    # Optional, for random-access sources: the restore then reads each chunk's data on the worker that inflates it.
+    # def load(self, index: int, nbytes: int) -> bytes
 
 
 def _read_full(fd: int, size: int, offset: int | None = None) -> bytes:
@@ -66,6 +68,10 @@ class FileSource:
     def chunks(self) -> Iterator[tuple[int, bytes]]:
         for index in range(self.count):
             yield index, _read_full(self.fd, CHUNK_SIZE, index * CHUNK_SIZE)
+
+    def load(self, index: int, nbytes: int) -> bytes:
+        """The first `nbytes` of chunk `index` (fewer at the end of a truncated file)."""
+        return _read_full(self.fd, nbytes, index * CHUNK_SIZE)
 
     def close(self) -> None:
         os.close(self.fd)
