@@ -3,15 +3,11 @@ and one real Debian kernel (downloaded once with `apt-get download` into the cac
 
 from __future__ import annotations
 
-import os
-import re
-import shutil
 import struct
-import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
+from debian_kernel import fetch_debian_kernel
 
 from agent.errors import NodeagentError
 from agent.kexec.bzimage import (
@@ -201,61 +197,11 @@ def test_fits_in_memory():
 # -- a real kernel ------------------------------------------------------------------------------------------
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("NODEAGENT_CACHE") or "~/.cache/nodeagent").expanduser() / "kernel"
-
-
-def _run(*cmd, **kw) -> str:
-    proc = subprocess.run(cmd, capture_output=True, text=True, **kw)
-    if proc.returncode != 0:
-        pytest.fail(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
-    return proc.stdout
-
-
-def _kernel_package() -> str:
-    """The concrete linux-image-X-amd64 package the linux-image-amd64 metapackage depends on."""
-    for attempt in range(2):
-        proc = subprocess.run(["apt-cache", "depends", "linux-image-amd64"], capture_output=True, text=True)
-        m = re.search(r"Depends:\s*(linux-image-\S+-amd64)\b", proc.stdout)
-        if m:
-            return m.group(1)
-        if attempt == 0:
-            _run("apt-get", "update", "-qq")
-    pytest.fail(f"apt-cache depends linux-image-amd64 names no kernel package: {proc.stdout!r} {proc.stderr!r}")
-
-
 @pytest.fixture(scope="session")
 def debian_kernel() -> Path:
     """/boot/vmlinuz-* of Debian's current amd64 kernel, extracted (not installed) into
-    ${NODEAGENT_CACHE:-~/.cache/nodeagent}/kernel/PACKAGE/. Reused when any such kernel is already cached."""
-    cache = _cache_dir()
-    cached = sorted(cache.glob("linux-image-*/boot/vmlinuz-*"))
-    if cached:
-        return cached[-1]
-    if shutil.which("apt-get") is None:
-        pytest.fail("cannot fetch Debian's kernel: no apt-get (set NODEAGENT_CACHE to a folder with kernel/...)")
-    package = _kernel_package()
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache, prefix=".download-") as tmp:
-        os.chmod(tmp, 0o755)  # apt-get download as root drops to _apt when it can write the folder
-        _run("apt-get", "download", "-q", package, cwd=tmp)
-        debs = list(Path(tmp).glob(f"{package}_*.deb"))
-        if len(debs) != 1:
-            pytest.fail(f"apt-get download {package} left {debs} in {tmp}")
-        tree = Path(tmp) / "tree"
-        tree.mkdir()
-        # dpkg -x, but only ./boot: the modules are hundreds of MiB we do not need
-        tar = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(debs[0])], stdout=subprocess.PIPE)
-        _run("tar", "-x", "-C", str(tree), "--wildcards", "./boot/vmlinuz-*", stdin=tar.stdout)
-        tar.stdout.close()
-        if tar.wait() != 0:
-            pytest.fail(f"dpkg-deb --fsys-tarfile {debs[0]} failed")
-        (cache / package).mkdir(exist_ok=True)
-        (tree / "boot").rename(cache / package / "boot")
-    found = sorted((cache / package / "boot").glob("vmlinuz-*"))
-    if not found:
-        pytest.fail(f"{package} has no /boot/vmlinuz-*")
-    return found[-1]
+    ${NODEAGENT_CACHE:-~/.cache/nodeagent}/kernel/PACKAGE/ (see debian_kernel.py)."""
+    return fetch_debian_kernel(with_modules=False).vmlinuz
 
 
 def test_real_debian_kernel(debian_kernel):

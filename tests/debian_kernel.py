@@ -1,0 +1,123 @@
+"""Debian's current amd64 kernel for tests: downloaded once with `apt-get download` (never installed) and
+extracted into ${NODEAGENT_CACHE:-~/.cache/nodeagent}/kernel/PACKAGE/, outside the checkout.
+
+    PACKAGE/boot/vmlinuz-RELEASE, PACKAGE/boot/config-RELEASE      (always)
+    PACKAGE/lib/modules/RELEASE/...                                (with_modules=True: the whole module tree,
+                                                                    about 400 MB, plus a generated modules.dep
+                                                                    and modules.alias: the .deb ships neither)
+
+Each part is extracted into a temporary folder in the cache and renamed into place, so a half-finished download
+is never taken for a cached kernel and two test runs at once do not trip over each other.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from agent.initramfs.build import write_modules_dep
+
+
+@dataclass(frozen=True)
+class DebianKernel:
+    package: str  # linux-image-6.1.0-56-amd64
+    release: str  # 6.1.0-56-amd64
+    vmlinuz: Path  # the bzImage
+    modules: Path | None  # lib/modules/RELEASE (has modules.dep), or None when not asked for
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("NODEAGENT_CACHE") or "~/.cache/nodeagent").expanduser() / "kernel"
+
+
+def _run(*cmd, **kw) -> str:
+    proc = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    if proc.returncode != 0:
+        pytest.fail(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    return proc.stdout
+
+
+def kernel_package() -> str:
+    """The concrete linux-image-X-amd64 package the linux-image-amd64 metapackage depends on."""
+    for attempt in range(2):
+        proc = subprocess.run(["apt-cache", "depends", "linux-image-amd64"], capture_output=True, text=True)
+        m = re.search(r"Depends:\s*(linux-image-\S+-amd64)\b", proc.stdout)
+        if m:
+            return m.group(1)
+        if attempt == 0:
+            _run("apt-get", "update", "-qq")
+    pytest.fail(f"apt-cache depends linux-image-amd64 names no kernel package: {proc.stdout!r} {proc.stderr!r}")
+
+
+def _complete_modules(pkgdir: Path) -> Path | None:
+    found = sorted(p.parent for p in pkgdir.glob("lib/modules/*/modules.dep"))
+    return found[-1] if found else None
+
+
+def _extract(package: str, cache: Path, members: list[str], into: Path) -> None:
+    """apt-get download `package` into a temporary folder in `cache` and untar `members` (wildcards) of it
+    into the temporary tree; then move each top-level folder of the tree into `into` (unless there already)."""
+    if shutil.which("apt-get") is None:
+        pytest.fail("cannot fetch Debian's kernel: no apt-get (set NODEAGENT_CACHE to a folder with kernel/...)")
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache, prefix=".download-") as tmp:
+        os.chmod(tmp, 0o755)  # apt-get download as root drops to _apt when it can write the folder
+        _run("apt-get", "download", "-q", package, cwd=tmp)
+        debs = list(Path(tmp).glob(f"{package}_*.deb"))
+        if len(debs) != 1:
+            pytest.fail(f"apt-get download {package} left {debs} in {tmp}")
+        tree = Path(tmp) / "tree"
+        tree.mkdir()
+        tar = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(debs[0])], stdout=subprocess.PIPE)
+        _run("tar", "-x", "-C", str(tree), "--wildcards", *members, stdin=tar.stdout)
+        tar.stdout.close()
+        if tar.wait() != 0:
+            pytest.fail(f"dpkg-deb --fsys-tarfile {debs[0]} failed")
+        for mod in tree.glob("lib/modules/*"):
+            write_modules_dep(mod)  # last, so a tree with modules.dep is a complete tree
+        into.mkdir(exist_ok=True)
+        for top in tree.iterdir():
+            try:
+                top.rename(into / top.name)
+            except OSError:
+                if not (into / top.name).exists():
+                    raise  # else: another run got there first
+
+
+def fetch_debian_kernel(*, with_modules: bool = True) -> DebianKernel:
+    """The cached kernel (any linux-image-* already in the cache, newest name first), fetched if missing."""
+    cache = cache_dir()
+    cached = sorted(cache.glob("linux-image-*/boot/vmlinuz-*"))
+    if cached:
+        vmlinuz = cached[-1]
+        pkgdir = vmlinuz.parent.parent
+        package = pkgdir.name
+    else:
+        package = kernel_package()
+        pkgdir = cache / package
+        _extract(package, cache, ["./boot/vmlinuz-*", "./boot/config-*"]
+                 + (["./lib/modules/*"] if with_modules else []), pkgdir)
+        found = sorted((pkgdir / "boot").glob("vmlinuz-*"))
+        if not found:
+            pytest.fail(f"{package} has no /boot/vmlinuz-*")
+        vmlinuz = found[-1]
+    release = vmlinuz.name.removeprefix("vmlinuz-")
+    modules = None
+    if with_modules:
+        modules = _complete_modules(pkgdir)
+        if modules is None:
+            lib = pkgdir / "lib"
+            if lib.exists():  # an interrupted earlier run left a tree without modules.dep
+                shutil.rmtree(lib)
+            _extract(package, cache, [f"./lib/modules/{release}/*"], pkgdir)
+            modules = _complete_modules(pkgdir)
+        if modules is None or modules.name != release:
+            pytest.fail(f"{package}: no module tree lib/modules/{release} in {pkgdir}")
+    return DebianKernel(package=package, release=release, vmlinuz=vmlinuz, modules=modules)
