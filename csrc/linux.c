@@ -2,6 +2,9 @@
 #include "linux.h"
 
 #include <errno.h>
+#include <limits.h>
+#include <string.h>
+#include <arpa/inet.h>  /* inet_pton */
 
 int na_blk_getsize64(int fd, uint64_t *size_out)
 {
@@ -58,4 +61,164 @@ int na_malloc_keep_big_buffers(int max_buffer)
     if (mallopt(M_MMAP_THRESHOLD, max_buffer) != 1)
         return -1;
     return mallopt(M_TRIM_THRESHOLD, 4 * max_buffer) == 1 ? 0 : -1;
+}
+
+/* ---- booting another kernel ------------------------------------------- */
+
+int na_kexec_file_load(int kernel_fd, int initrd_fd, const char *cmdline,
+                       unsigned long flags)
+{
+    unsigned long cmdline_len = cmdline ? strlen(cmdline) + 1 : 0;
+    return syscall(SYS_kexec_file_load, kernel_fd, initrd_fd, cmdline_len,
+                   cmdline, flags) == 0 ? 0 : -1;
+}
+
+int na_kexec_load(unsigned long entry, unsigned long nr_segments,
+                  const struct kexec_segment *segments, unsigned long flags)
+{
+    return syscall(SYS_kexec_load, entry, nr_segments, segments, flags) == 0
+        ? 0 : -1;
+}
+
+int na_reboot(int cmd)
+{
+    return syscall(SYS_reboot, LINUX_REBOOT_MAGIC1, LINUX_REBOOT_MAGIC2, cmd,
+                   NULL) == 0 ? 0 : -1;
+}
+
+/* ---- modules, mounts ---------------------------------------------------- */
+
+int na_finit_module(int fd, const char *params, int flags)
+{
+    return syscall(SYS_finit_module, fd, params ? params : "", flags) == 0
+        ? 0 : -1;
+}
+
+int na_mount(const char *source, const char *target, const char *fstype,
+             unsigned long flags, const char *data)
+{
+    return mount(source, target, fstype, flags, data) == 0 ? 0 : -1;
+}
+
+int na_umount2(const char *target, int flags)
+{
+    return umount2(target, flags) == 0 ? 0 : -1;
+}
+
+int na_sync(void)
+{
+    sync();
+    return 0;
+}
+
+/* ---- network interfaces ------------------------------------------------- */
+
+static int fill_ifreq(struct ifreq *ifr, const char *ifname)
+{
+    size_t len = ifname ? strlen(ifname) : 0;
+    memset(ifr, 0, sizeof *ifr);
+    if (len == 0 || len >= IFNAMSIZ) {
+        errno = EINVAL;
+        return -1;
+    }
+    memcpy(ifr->ifr_name, ifname, len);
+    return 0;
+}
+
+/* A dotted-quad IPv4 address as a struct sockaddr (AF_INET). */
+static int fill_sockaddr_in(struct sockaddr *sa, const char *ipv4)
+{
+    struct sockaddr_in sin;
+    memset(&sin, 0, sizeof sin);
+    sin.sin_family = AF_INET;
+    if (ipv4 == NULL || inet_pton(AF_INET, ipv4, &sin.sin_addr) != 1) {
+        errno = EINVAL;
+        return -1;
+    }
+    memcpy(sa, &sin, sizeof sin);
+    return 0;
+}
+
+int na_if_get_hwaddr(int sock, const char *ifname, unsigned short *family_out,
+                     unsigned char data_out[14])
+{
+    struct ifreq ifr;
+    if (fill_ifreq(&ifr, ifname) != 0 || ioctl(sock, SIOCGIFHWADDR, &ifr) != 0)
+        return -1;
+    *family_out = ifr.ifr_hwaddr.sa_family;
+    memcpy(data_out, ifr.ifr_hwaddr.sa_data, 14);
+    return 0;
+}
+
+static int if_set_sockaddr(int sock, const char *ifname, unsigned long request,
+                           const char *ipv4)
+{
+    struct ifreq ifr;
+    if (fill_ifreq(&ifr, ifname) != 0 || fill_sockaddr_in(&ifr.ifr_addr, ipv4) != 0)
+        return -1;
+    return ioctl(sock, request, &ifr) == 0 ? 0 : -1;
+}
+
+int na_if_set_addr(int sock, const char *ifname, const char *ipv4)
+{
+    return if_set_sockaddr(sock, ifname, SIOCSIFADDR, ipv4);
+}
+
+int na_if_set_netmask(int sock, const char *ifname, const char *ipv4)
+{
+    return if_set_sockaddr(sock, ifname, SIOCSIFNETMASK, ipv4);
+}
+
+int na_if_get_flags(int sock, const char *ifname, int *flags_out)
+{
+    struct ifreq ifr;
+    if (fill_ifreq(&ifr, ifname) != 0 || ioctl(sock, SIOCGIFFLAGS, &ifr) != 0)
+        return -1;
+    *flags_out = (unsigned short)ifr.ifr_flags;
+    return 0;
+}
+
+int na_if_set_flags(int sock, const char *ifname, int flags)
+{
+    struct ifreq ifr;
+    if (fill_ifreq(&ifr, ifname) != 0)
+        return -1;
+    if (flags & ~0xffff) {      /* ifr_flags is a short */
+        errno = EINVAL;
+        return -1;
+    }
+    ifr.ifr_flags = (short)flags;
+    return ioctl(sock, SIOCSIFFLAGS, &ifr) == 0 ? 0 : -1;
+}
+
+int na_route_add(int sock, const char *dst, const char *genmask,
+                 const char *gateway, const char *ifname, int metric)
+{
+    struct rtentry rt;
+    char dev[IFNAMSIZ];
+    memset(&rt, 0, sizeof rt);
+    if (fill_sockaddr_in(&rt.rt_dst, dst) != 0
+        || fill_sockaddr_in(&rt.rt_genmask, genmask) != 0)
+        return -1;
+    rt.rt_flags = RTF_UP;
+    if (gateway != NULL) {
+        if (fill_sockaddr_in(&rt.rt_gateway, gateway) != 0)
+            return -1;
+        rt.rt_flags |= RTF_GATEWAY;
+    }
+    if (ifname != NULL) {
+        size_t len = strlen(ifname);
+        if (len == 0 || len >= IFNAMSIZ) {
+            errno = EINVAL;
+            return -1;
+        }
+        memcpy(dev, ifname, len + 1);
+        rt.rt_dev = dev;
+    }
+    if (metric < 0 || metric >= SHRT_MAX) {
+        errno = EINVAL;
+        return -1;
+    }
+    rt.rt_metric = (short)(metric + 1);  /* the ioctl ABI stores metric + 1 */
+    return ioctl(sock, SIOCADDRT, &rt) == 0 ? 0 : -1;
 }

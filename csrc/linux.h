@@ -28,6 +28,18 @@
 #include <linux/fs.h>       /* BLKGETSIZE64, BLKSSZGET, BLKFLSBUF, BLKRRPART, BLKDISCARD, BLKZEROOUT */
 #include <linux/falloc.h>   /* FALLOC_FL_PUNCH_HOLE, FALLOC_FL_KEEP_SIZE, ... */
 #include <malloc.h>         /* mallopt */
+#include <stddef.h>
+#include <unistd.h>         /* syscall(), sync() */
+#include <sys/syscall.h>    /* SYS_kexec_load, SYS_kexec_file_load, SYS_reboot, SYS_finit_module */
+#include <sys/mount.h>      /* mount(), umount2(), MS_*, MNT_* */
+#include <sys/socket.h>
+#include <netinet/in.h>
+#include <net/if.h>         /* struct ifreq, IFNAMSIZ, IFF_* */
+#include <net/if_arp.h>     /* ARPHRD_* (the hardware address family SIOCGIFHWADDR reports) */
+#include <net/route.h>      /* struct rtentry, RTF_* */
+#include <linux/kexec.h>    /* struct kexec_segment, KEXEC_* */
+#include <linux/reboot.h>   /* LINUX_REBOOT_MAGIC1/2, LINUX_REBOOT_CMD_* */
+#include <linux/module.h>   /* MODULE_INIT_* (finit_module flags) */
 
 /* ---- block devices ------------------------------------------------------ */
 
@@ -62,5 +74,70 @@ int na_fallocate(int fd, int mode, int64_t offset, int64_t length);
  * one is a fresh mmap whose pages fault in again.  Returns 0, or -1 if the C
  * library refused. */
 int na_malloc_keep_big_buffers(int max_buffer);
+
+/* ---- booting another kernel ------------------------------------------- */
+/* These replace or stop the running system.  Never call them on a machine
+ * you want to keep (in particular, not from tests). */
+
+/* kexec_file_load(2): the kernel reads, verifies and places the kernel (and
+ * initrd) itself.  initrd_fd is ignored with KEXEC_FILE_NO_INITRAMFS (pass
+ * -1); cmdline may be NULL (no command line), otherwise it is passed with its
+ * terminating NUL as the kernel requires. */
+int na_kexec_file_load(int kernel_fd, int initrd_fd, const char *cmdline,
+                       unsigned long flags);
+
+/* kexec_load(2): load nr_segments prepared segments; the new kernel starts at
+ * entry.  flags combine KEXEC_ARCH_* with KEXEC_ON_CRASH/PRESERVE_CONTEXT.
+ * nr_segments 0 unloads the loaded kernel. */
+int na_kexec_load(unsigned long entry, unsigned long nr_segments,
+                  const struct kexec_segment *segments, unsigned long flags);
+
+/* reboot(2) with the magic numbers: cmd is a LINUX_REBOOT_CMD_* (KEXEC,
+ * RESTART, POWER_OFF, HALT).  Does not sync; call na_sync() first.  Returns
+ * only on failure (or for commands such as CAD_ON that do not reboot). */
+int na_reboot(int cmd);
+
+/* ---- modules, mounts ---------------------------------------------------- */
+
+/* finit_module(2): load the kernel module in fd with parameter string params
+ * ("" for none); flags are MODULE_INIT_*. */
+int na_finit_module(int fd, const char *params, int flags);
+
+/* mount(2); fstype and data may be NULL. */
+int na_mount(const char *source, const char *target, const char *fstype,
+             unsigned long flags, const char *data);
+
+/* umount2(2); flags such as MNT_DETACH. */
+int na_umount2(const char *target, int flags);
+
+/* sync(2): write back every filesystem.  Always returns 0. */
+int na_sync(void);
+
+/* ---- network interfaces ------------------------------------------------- */
+/* sock is any socket, normally AF_INET/SOCK_DGRAM.  ifname must be shorter
+ * than IFNAMSIZ (else EINVAL).  IPv4 addresses are dotted-quad strings
+ * (inet_pton; a malformed one gives EINVAL). */
+
+/* SIOCGIFHWADDR: the link type (ARPHRD_*) and the first 14 bytes of the
+ * hardware address (sa_data; an Ethernet MAC is the first 6). */
+int na_if_get_hwaddr(int sock, const char *ifname, unsigned short *family_out,
+                     unsigned char data_out[14]);
+
+/* SIOCSIFADDR: set the interface's IPv4 address. */
+int na_if_set_addr(int sock, const char *ifname, const char *ipv4);
+
+/* SIOCSIFNETMASK: set the netmask of the interface's IPv4 address. */
+int na_if_set_netmask(int sock, const char *ifname, const char *ipv4);
+
+/* SIOCGIFFLAGS / SIOCSIFFLAGS: the interface's IFF_* flags (the 16 bits of
+ * ifr_flags; setting more gives EINVAL). */
+int na_if_get_flags(int sock, const char *ifname, int *flags_out);
+int na_if_set_flags(int sock, const char *ifname, int flags);
+
+/* SIOCADDRT: add the IPv4 route dst/genmask, via gateway (NULL: directly
+ * connected), out of ifname (NULL: any), with the given metric (0 is the
+ * usual default).  dst and genmask "0.0.0.0" make the default route. */
+int na_route_add(int sock, const char *dst, const char *genmask,
+                 const char *gateway, const char *ifname, int metric);
 
 #endif /* NODEAGENT_LINUX_H */

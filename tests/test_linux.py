@@ -304,3 +304,218 @@ def test_import_without_extension_succeeds():
         [sys.executable, "-c", code], cwd=root, check=True, capture_output=True, text=True
     ).stdout
     assert out.startswith("missing: ")
+
+
+# ----------------------------------------------------------------- booting another kernel
+# kexec_load, kexec_file_load and reboot would replace or stop this machine: the tests never let them reach the
+# kernel.  `boot_calls` swaps the C functions for recorders, so a test can check both what is refused before the
+# call and what a valid call would pass; the real functions are only checked to exist.
+
+_BOOT_FUNCTIONS = ("na_kexec_file_load", "na_kexec_load", "na_reboot")
+
+
+class _RecordingLib:
+    """agent._linux.lib with the boot system calls replaced by recorders that report success."""
+
+    def __init__(self, real):
+        self._real = real
+        self.calls: list[tuple[str, tuple]] = []
+
+    def __getattr__(self, name):
+        if name in _BOOT_FUNCTIONS:
+            return lambda *args: self.calls.append((name, args)) or 0
+        return getattr(self._real, name)
+
+
+@pytest.fixture
+def boot_calls(monkeypatch):
+    fake = _RecordingLib(linux._lib())
+    monkeypatch.setattr(linux, "_lib", lambda: fake)
+    return fake.calls
+
+
+def test_boot_wrappers_and_constants_exist():
+    from agent import _linux
+
+    for name in _BOOT_FUNCTIONS + ("na_finit_module", "na_mount", "na_umount2", "na_sync"):
+        assert callable(getattr(_linux.lib, name))
+    for name in sorted(linux.CONSTANTS):
+        assert isinstance(getattr(linux, name), int), name
+    commands = [linux.LINUX_REBOOT_CMD_KEXEC, linux.LINUX_REBOOT_CMD_RESTART, linux.LINUX_REBOOT_CMD_POWER_OFF,
+                linux.LINUX_REBOOT_CMD_HALT]
+    assert len(set(commands)) == 4
+    assert linux.KEXEC_ARCH_DEFAULT & ~linux.KEXEC_ARCH_MASK == 0
+    assert _linux.ffi.sizeof("struct kexec_segment") == 4 * _linux.ffi.sizeof("void *")
+    with pytest.raises(AttributeError):
+        linux.NOT_A_CONSTANT
+
+
+def test_kexec_file_load_arguments(boot_calls, tmp_path):
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"not a kernel")
+    with open(kernel, "rb") as k, open(kernel, "rb") as i:
+        linux.kexec_file_load(k, None, "console=ttyS0 quiet")
+        linux.kexec_file_load(k.fileno(), i, "root=/dev/sda1", flags=linux.KEXEC_FILE_ON_CRASH)
+        linux.kexec_file_load(None, None, None, flags=linux.KEXEC_FILE_UNLOAD)
+        linux.kexec_file_load(k, -1, "", flags=linux.KEXEC_FILE_NO_INITRAMFS)
+        (n1, a1), (n2, a2), (n3, a3), (_, a4) = boot_calls
+        assert a4 == (k.fileno(), -1, b"", linux.KEXEC_FILE_NO_INITRAMFS)
+        assert n1 == n2 == n3 == "na_kexec_file_load"
+        assert a1 == (k.fileno(), -1, b"console=ttyS0 quiet", linux.KEXEC_FILE_NO_INITRAMFS)
+        assert a2 == (k.fileno(), i.fileno(), b"root=/dev/sda1", linux.KEXEC_FILE_ON_CRASH)
+        assert a3[:2] == (-1, -1) and a3[3] == linux.KEXEC_FILE_UNLOAD | linux.KEXEC_FILE_NO_INITRAMFS
+
+        bad = [
+            lambda: linux.kexec_file_load(k, i, "", flags=linux.KEXEC_FILE_NO_INITRAMFS),
+            lambda: linux.kexec_file_load(k, None, "a\0b"),
+            lambda: linux.kexec_file_load(k, None, "", flags=1 << 20),
+            lambda: linux.kexec_file_load(k, None, "", flags=-1),
+            lambda: linux.kexec_file_load(None, None, ""),
+            lambda: linux.kexec_file_load(-1, -1, ""),
+        ]
+        for call in bad:
+            with pytest.raises(ValueError):
+                call()
+    assert len(boot_calls) == 4
+
+
+def test_kexec_load_arguments(boot_calls):
+    from agent import _linux
+
+    page = os.sysconf("SC_PAGE_SIZE")
+    data = b"\x90" * 100
+    linux.kexec_load(0x100000, [linux.KexecSegment(data, 0x100000, page), linux.KexecSegment(b"", 2 * page, page)])
+    (name, (entry, count, segments, flags)), = boot_calls
+    assert (name, entry, count, flags) == ("na_kexec_load", 0x100000, 2, linux.KEXEC_ARCH_DEFAULT)
+    assert _linux.ffi.buffer(segments[0].buf, segments[0].bufsz)[:] == data
+    assert int(_linux.ffi.cast("uintptr_t", segments[0].mem)) == 0x100000
+    assert (segments[0].memsz, segments[1].bufsz, segments[1].memsz) == (page, 0, page)
+
+    linux.kexec_load(0, [], linux.KEXEC_ARCH_DEFAULT | linux.KEXEC_ON_CRASH)  # unload the crash kernel
+    assert boot_calls[1][1][1] == 0
+
+    seg = linux.KexecSegment(data, 0x100000, page)
+    bad = [
+        lambda: linux.kexec_load(0, [seg] * (linux.KEXEC_SEGMENT_MAX + 1)),
+        lambda: linux.kexec_load(0, [linux.KexecSegment(data, 0x100001, page)]),
+        lambda: linux.kexec_load(0, [linux.KexecSegment(data, 0x100000, page + 1)]),
+        lambda: linux.kexec_load(0, [linux.KexecSegment(bytes(page + 1), 0x100000, page)]),
+        lambda: linux.kexec_load(0, [seg], flags=linux.KEXEC_ON_CRASH << 8),
+        lambda: linux.kexec_load(-1, [seg]),
+    ]
+    for call in bad:
+        with pytest.raises(ValueError):
+            call()
+    assert len(boot_calls) == 2
+
+
+def test_reboot_arguments(boot_calls):
+    linux.reboot(linux.LINUX_REBOOT_CMD_KEXEC)
+    assert boot_calls == [("na_reboot", (linux.LINUX_REBOOT_CMD_KEXEC,))]
+    for cmd in (0, 1, -1, linux.LINUX_REBOOT_CMD_KEXEC + 1):
+        if cmd in (linux.LINUX_REBOOT_CMD_RESTART, linux.LINUX_REBOOT_CMD_POWER_OFF, linux.LINUX_REBOOT_CMD_HALT):
+            continue
+        with pytest.raises(ValueError):
+            linux.reboot(cmd)
+    assert len(boot_calls) == 1
+
+
+# ----------------------------------------------------------------- modules, mounts, sync
+
+
+def test_finit_module_bad_fd_is_ebadf():
+    """Never loads anything: fd -1 is refused before any file is read.  A kernel built without module support
+    (no /proc/modules, e.g. a Firecracker guest) answers ENOSYS to every call instead."""
+    with pytest.raises(LinuxError) as info:
+        linux.finit_module(-1)
+    modules = os.path.exists("/proc/modules")
+    assert info.value.errno == (errno.EBADF if modules else errno.ENOSYS)
+    assert str(info.value).startswith("finit_module fd -1: ")
+    with pytest.raises(ValueError):
+        linux.finit_module(-1, flags=1 << 20)
+    with pytest.raises(ValueError):
+        linux.finit_module(-1, "a=1\0")
+
+
+def test_sync():
+    linux.sync()
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mount)")
+
+
+def _mounted_at(path: Path) -> bool:
+    return any(line.split()[4] == str(path) for line in Path("/proc/self/mountinfo").read_text().splitlines())
+
+
+@contextlib.contextmanager
+def _tmpfs(point: Path, flags: int = 0, data: str | None = "size=1m"):
+    linux.mount("tmpfs", point, "tmpfs", flags, data)
+    try:
+        yield point
+    finally:
+        if _mounted_at(point):
+            subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+@needs_root
+def test_mount_tmpfs_and_umount(tmp_path):
+    point = tmp_path / "mnt"
+    point.mkdir()
+    flags = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
+    with _tmpfs(point, flags, "size=1m,mode=0700"):
+        assert _mounted_at(point)
+        st_flags = os.statvfs(point).f_flag
+        assert st_flags & os.ST_NOSUID and st_flags & os.ST_NODEV and st_flags & os.ST_NOEXEC
+        assert not st_flags & os.ST_RDONLY
+        assert os.stat(point).st_mode & 0o777 == 0o700
+        (point / "f").write_bytes(b"x")
+        linux.umount(point)
+        assert not _mounted_at(point)
+        assert not (point / "f").exists()
+
+
+@needs_root
+def test_mount_read_only(tmp_path):
+    point = tmp_path / "ro"
+    point.mkdir()
+    with _tmpfs(point, linux.MS_RDONLY, None):
+        assert os.statvfs(point).f_flag & os.ST_RDONLY
+        with pytest.raises(OSError) as info:
+            (point / "f").write_bytes(b"x")
+        assert info.value.errno == errno.EROFS
+        linux.umount(point)
+
+
+@needs_root
+def test_umount_detach_while_busy(tmp_path):
+    point = tmp_path / "busy"
+    point.mkdir()
+    with _tmpfs(point):
+        fd = os.open(point / "f", os.O_CREAT | os.O_RDWR)
+        try:
+            with pytest.raises(LinuxError) as info:
+                linux.umount(point)
+            assert info.value.errno == errno.EBUSY
+            assert str(info.value).startswith(f"umount {point}: ")
+            linux.umount(point, linux.MNT_DETACH)
+            assert not _mounted_at(point)
+            os.write(fd, b"still writable")  # a lazily detached filesystem lives on while in use
+        finally:
+            os.close(fd)
+
+
+@needs_root
+def test_mount_errors(tmp_path):
+    missing = tmp_path / "missing"
+    with pytest.raises(LinuxError) as info:
+        linux.mount("tmpfs", missing, "tmpfs")
+    assert info.value.errno == errno.ENOENT
+    assert str(info.value).startswith(f"mount tmpfs (tmpfs) on {missing}: ")
+    with pytest.raises(LinuxError) as info:
+        linux.umount(tmp_path)
+    assert info.value.errno == errno.EINVAL
+    with pytest.raises(ValueError):
+        linux.umount(tmp_path, 1 << 20)
+    with pytest.raises(ValueError):
+        linux.mount("tmpfs", tmp_path, "tmpfs", 0, "size=1m\0")
