@@ -118,6 +118,14 @@ def _info(args) -> int:
     return 0
 
 
+def _getmac(args) -> int:
+    from .netif import macs
+
+    for name, mac in macs(args.iface):
+        print(f"{name} {mac}")
+    return 0
+
+
 def _demo(args) -> int:
     from .demo import run_demo
 
@@ -180,6 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-r", "--regions", action="store_true", help="list every region")
     p.add_argument("-c", "--check", action="store_true", help="also decompress every chunk to verify it")
     p.set_defaults(run=_info)
+
+    p = sub.add_parser("getmac", help="print the MAC address of an interface, or of every Ethernet interface")
+    p.add_argument("iface", metavar="IFACE", nargs="?", help="the interface (default: all but loopback)")
+    p.set_defaults(run=_getmac)
 
     p = sub.add_parser("demo", help="restore the bundled demo image, verify it, save it again")
     p.add_argument("dir", metavar="DIR", nargs="?", default="nodeagent-demo", help="working folder (default nodeagent-demo)")
