@@ -99,7 +99,8 @@ def test_server_restart_and_late_joiner(big_image, tmp_path):
         server = serve(hosts[0], image, 5003, "-W", "40000000")
         early = receive(hosts[1], 5003, tmp_path / "early.img")
         time.sleep(2.5)
-        stop(server)  # mid-transfer: 24 MiB at 40 Mbit/s take about 5 s
+        assert early.poll() is None  # mid-transfer: 24 MiB at 40 Mbit/s take about 5 s
+        stop(server)
         time.sleep(1.5)
         server = serve(hosts[0], image, 5003, "-W", "40000000")
         late = receive(hosts[2], 5003, tmp_path / "late.img")
