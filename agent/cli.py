@@ -126,6 +126,69 @@ def _getmac(args) -> int:
     return 0
 
 
+KEXEC_LOAD_MISSING = "kexec_load (-c) is not implemented yet; use -s"
+
+
+def _reuse_cmdline(path: str = "/proc/cmdline") -> str:
+    """The running kernel's command line without what only its boot loader meant (BOOT_IMAGE=, initrd=)."""
+    try:
+        with open(path) as f:
+            words = f.read().split()
+    except OSError as err:
+        raise NodeagentError(f"--reuse-cmdline: cannot read {path}: {err.strerror}") from None
+    return " ".join(w for w in words if not w.startswith(("BOOT_IMAGE=", "initrd=")))
+
+
+def kexec_cmdline(args) -> str:
+    parts = []
+    if args.reuse_cmdline:
+        parts.append(_reuse_cmdline())
+    if args.append is not None:
+        parts.append(args.append)
+    return " ".join(p for p in parts if p)
+
+
+def _kexec(args) -> int:
+    from .kexec import load
+
+    def say(msg: str) -> None:
+        print(f"nodeagent kexec: {msg}", flush=True)
+
+    actions = [a for a in (args.load, args.disk) if a is not None]
+    if len(actions) > 1:
+        raise NodeagentError("give either -l KERNEL or --disk DEVICE, not both")
+    if not actions and not args.exec and not args.unload:
+        raise NodeagentError("nothing to do: give -l KERNEL, --disk DEVICE, -e or -u")
+    if args.unload and (actions or args.exec):
+        raise NodeagentError("-u unloads: give it alone")
+    if args.syscall == "c" and not args.unload and actions:
+        raise NodeagentError(KEXEC_LOAD_MISSING)
+    if args.unload:
+        load.unload()
+        say("unloaded")
+        return 0
+    if actions:
+        kernel, initrd, cmdline = args.load, args.initrd, kexec_cmdline(args)
+        if args.disk is not None:
+            if args.initrd is not None:
+                raise NodeagentError("--initrd goes with -l KERNEL; --disk finds the initrd itself")
+            kernel, initrd, found_cmdline, what = load.find_on_disk(args.disk)
+            say(f"found {what}")
+            if args.append is None and not args.reuse_cmdline:
+                cmdline = found_cmdline
+        try:
+            how = load.load_file(kernel, initrd, cmdline)
+        except load.KexecFileRefused as err:
+            if args.syscall == "a":
+                raise NodeagentError(f"kexec_file_load refused ({err}); {KEXEC_LOAD_MISSING}") from None
+            raise
+        say(f"{kernel}: {how}")
+    if args.exec:
+        say("starting the loaded kernel")
+        load.execute()
+    return 0
+
+
 def _demo(args) -> int:
     from .demo import run_demo
 
@@ -192,6 +255,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("getmac", help="print the MAC address of an interface, or of every Ethernet interface")
     p.add_argument("iface", metavar="IFACE", nargs="?", help="the interface (default: all but loopback)")
     p.set_defaults(run=_getmac)
+
+    p = sub.add_parser(
+        "kexec", help="load a kernel and boot it without a firmware reboot (flags as kexec-tools)",
+        usage="nodeagent kexec -l KERNEL [--initrd FILE] [--append S | --command-line S | --reuse-cmdline] "
+              "[-s | -c | -a] [-e] | nodeagent kexec --disk DEVICE [-e] | nodeagent kexec -e | nodeagent kexec -u",
+    )
+    p.add_argument("-l", "--load", metavar="KERNEL", help="load KERNEL (a bzImage) to be started by -e")
+    p.add_argument("--disk", metavar="DEVICE", help="load the default boot entry of the OS on DEVICE (grub.cfg, "
+                   "else /boot/vmlinuz)")
+    p.add_argument("--initrd", "--ramdisk", dest="initrd", metavar="FILE", help="the initramfs for KERNEL")
+    p.add_argument("--append", "--command-line", dest="append", metavar="S", help="the new kernel's command line")
+    p.add_argument("--reuse-cmdline", action="store_true", help="start from the running kernel's command line")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("-s", "--kexec-file-syscall", dest="syscall", action="store_const", const="s",
+                     help="load with kexec_file_load only")
+    how.add_argument("-c", "--kexec-syscall", dest="syscall", action="store_const", const="c",
+                     help="load with kexec_load (not implemented yet)")
+    how.add_argument("-a", "--kexec-syscall-auto", dest="syscall", action="store_const", const="a",
+                     help="kexec_file_load, falling back to kexec_load (the default)")
+    p.add_argument("-e", "--exec", action="store_true", help="start the loaded kernel (after -l/--disk if given)")
+    p.add_argument("-u", "--unload", action="store_true", help="unload the loaded kernel")
+    p.set_defaults(run=_kexec, syscall="a")
 
     p = sub.add_parser("demo", help="restore the bundled demo image, verify it, save it again")
     p.add_argument("dir", metavar="DIR", nargs="?", default="nodeagent-demo", help="working folder (default nodeagent-demo)")

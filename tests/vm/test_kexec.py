@@ -1,0 +1,171 @@
+"""`nodeagent kexec` in QEMU: the first kernel's initramfs runs the agent (a copied Python runtime until there is a
+static binary). Its /init checks the refusals that must leave the node up (a non-kernel, -e with nothing loaded,
+-c), then loads Debian's kernel + a small busybox initramfs with kexec_file_load (-s) and starts it (-e). The
+second kernel's /init checks the command line it got and prints the PASS verdict.
+
+test_kexec_disk_boots_grub_default: the same, but `nodeagent kexec --disk /dev/vda -e` finds the kernel, initrd and
+command line through the grub.cfg of an ext4 partition on a virtio disk (default "1>0": an entry in a submenu)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+
+from agent.initramfs.build import build_initramfs
+
+from .harness import sh_init
+from .pyruntime import add_agent, python_runtime
+
+SECOND_MARK = "nodeagent.second=1"
+
+FIRST_INIT = """\
+export PATH=/bin:/usr/bin
+mount -t proc proc /proc || fail "mount proc"
+mount -t sysfs sys /sys || fail "mount sysfs"
+mount -t devtmpfs dev /dev || fail "mount devtmpfs"
+echo "nodeagent-init: first kernel $(uname -r)"
+
+python3 -m agent kexec -l /etc/hostname >/tmp/out 2>&1; rc=$?
+cat /tmp/out
+[ $rc -eq 1 ] || fail "kexec -l /etc/hostname: exit status $rc, not 1"
+[ "$(grep -c '' /tmp/out)" = 1 ] || fail "kexec -l /etc/hostname: not one line"
+grep -q "not a bzImage" /tmp/out || fail "kexec -l /etc/hostname: unexpected message"
+[ "$(cat /sys/kernel/kexec_loaded)" = 0 ] || fail "something got loaded"
+echo "nodeagent-init: refused /etc/hostname, still up"
+
+python3 -m agent kexec -e >/tmp/out 2>&1; rc=$?
+cat /tmp/out
+[ $rc -eq 1 ] && grep -q "no kernel loaded" /tmp/out || fail "kexec -e with nothing loaded: exit $rc"
+python3 -m agent kexec -c -l /second/vmlinuz >/tmp/out 2>&1; rc=$?
+cat /tmp/out
+[ $rc -eq 1 ] && grep -q "kexec_load (-c) is not implemented yet; use -s" /tmp/out || fail "kexec -c: exit $rc"
+echo "nodeagent-init: refusals ok"
+
+python3 -m agent kexec -s -l /second/vmlinuz --initrd /second/initrd.cpio \
+    --append "console=ttyS0 panic=-1 {mark}" -e
+fail "kexec -s -l ... -e returned with status $?"
+"""
+
+SECOND_INIT = """\
+mount -t proc proc /proc || fail "mount proc"
+echo "nodeagent-init: second kernel, cmdline $(cat /proc/cmdline)"
+grep -q "{mark}" /proc/cmdline || fail "the second kernel's command line lacks {mark}"
+pass
+"""
+
+
+APPLETS = ("sh", "mount", "cat", "echo", "grep", "uname", "poweroff", "sync", "sleep", "insmod")
+
+
+def second_initrd(busybox_spec, tmp_path):
+    second = busybox_spec(SECOND_INIT.format(mark=SECOND_MARK))
+    return build_initramfs(second, tmp_path / "initrd.cpio", compression="gzip")
+
+
+def agent_spec(busybox_spec, tmp_path):
+    """A busybox initramfs with the Python runtime and the agent (add /init yourself)."""
+    spec = busybox_spec(applets=APPLETS)
+    spec.tree(python_runtime())
+    add_agent(spec, tmp_path)
+    return spec
+
+
+def test_kexec_file_load_boots_second_kernel(debian_kernel, busybox_spec, boot_vm, tmp_path):
+    spec = agent_spec(busybox_spec, tmp_path)
+    spec.file("init", data=sh_init(FIRST_INIT.format(mark=SECOND_MARK)), mode=0o755)
+    spec.file("etc/hostname", data="node1\n")
+    spec.file("second/vmlinuz", src=debian_kernel.vmlinuz)
+    spec.file("second/initrd.cpio", src=second_initrd(busybox_spec, tmp_path))
+    first = build_initramfs(spec, tmp_path / "first.cpio", compression="none")
+
+    result = boot_vm(first, timeout=120)
+    print(result.summary())
+    log = result.log
+    result.assert_pass()
+    assert "nodeagent-init: refused /etc/hostname, still up" in log
+    assert "nodeagent-init: refusals ok" in log
+    assert "nodeagent kexec: /second/vmlinuz: loaded with kexec_file_load" in log
+    assert log.index("loaded with kexec_file_load") < log.index("nodeagent-init: second kernel")
+    assert "kexec_core: Starting new kernel" in log
+
+
+# -- --disk: the default grub.cfg entry of an OS disk -------------------------------------------------------------
+
+DISK_INIT = """\
+export PATH=/bin:/usr/bin
+mount -t proc proc /proc || fail "mount proc"
+mount -t sysfs sys /sys || fail "mount sysfs"
+mount -t devtmpfs dev /dev || fail "mount devtmpfs"
+for m in {modules}; do
+    insmod "$m" || fail "insmod $m"
+done
+i=0
+while [ ! -b /dev/vda1 ]; do
+    i=$((i + 1))
+    [ $i -gt 100 ] && fail "no /dev/vda1 10 s after loading virtio_blk"
+    sleep 0.1
+done
+python3 -m agent kexec --disk /dev/vda -e
+fail "kexec --disk /dev/vda -e returned with status $?"
+"""
+
+GRUB_CFG = """\
+if [ "${{next_entry}}" ] ; then
+   set default="${{next_entry}}"
+else
+   set default="1>0"
+fi
+menuentry 'Debian GNU/Linux' --class debian $menuentry_id_option 'gnulinux-simple-{uuid}' {{
+	insmod ext2
+	search --no-floppy --fs-uuid --set=root {uuid}
+	linux	/boot/vmlinuz-{release} root=UUID={uuid} ro quiet console=ttyS0 panic=-1
+	initrd	/boot/initrd.img-{release}
+}}
+submenu 'Advanced options for Debian GNU/Linux' $menuentry_id_option 'gnulinux-advanced-{uuid}' {{
+	menuentry 'Debian GNU/Linux, with Linux {release}' $menuentry_id_option 'gnulinux-{release}-advanced-{uuid}' {{
+		linux	/boot/vmlinuz-{release} root=UUID={uuid} ro console=ttyS0 panic=-1 {mark}
+		initrd	/boot/initrd.img-{release}
+	}}
+}}
+"""
+
+DISK_UUID = "6e0c1f4a-3b2d-4e5f-8a9b-0c1d2e3f4a5b"
+
+
+def make_os_disk(tmp_path, release, vmlinuz, initrd):
+    """An MBR disk, one ext4 partition at 1 MiB holding /boot/grub/grub.cfg (default: the submenu's entry, the only
+    one whose command line has SECOND_MARK), the kernel and the initrd."""
+    for tool in ("mkfs.ext4", "sfdisk"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"needs {tool}")
+    root = tmp_path / "osroot"
+    (root / "boot/grub").mkdir(parents=True)
+    shutil.copyfile(vmlinuz, root / f"boot/vmlinuz-{release}")
+    shutil.copyfile(initrd, root / f"boot/initrd.img-{release}")
+    (root / "boot/grub/grub.cfg").write_text(GRUB_CFG.format(uuid=DISK_UUID, release=release, mark=SECOND_MARK))
+    fs = tmp_path / "fs.img"
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-U", DISK_UUID, "-d", str(root), str(fs), "24M"], check=True,
+                   capture_output=True)
+    disk = tmp_path / "disk.img"
+    with open(disk, "wb") as out, open(fs, "rb") as f:
+        out.seek(1 << 20)
+        shutil.copyfileobj(f, out)
+    subprocess.run(["sfdisk", "-q", str(disk)], input="start=2048, type=83\n", text=True, check=True,
+                   capture_output=True)
+    return disk
+
+
+def test_kexec_disk_boots_grub_default(debian_kernel, busybox_spec, boot_vm, tmp_path):
+    disk = make_os_disk(tmp_path, debian_kernel.release, debian_kernel.vmlinuz, second_initrd(busybox_spec, tmp_path))
+    spec = agent_spec(busybox_spec, tmp_path)
+    order = spec.modules(debian_kernel.modules, ["virtio_pci", "virtio_blk", "crc32c_generic", "ext4"])
+    spec.file("init", data=sh_init(DISK_INIT.format(modules=" ".join(order))), mode=0o755)
+    first = build_initramfs(spec, tmp_path / "first.cpio", compression="none")
+
+    result = boot_vm(first, disks=[disk], timeout=120)
+    print(result.summary())
+    result.assert_pass()
+    assert "nodeagent kexec: found /dev/vda1: /boot/grub/grub.cfg entry 'Debian GNU/Linux, with Linux" in result.log
+    assert "nodeagent kexec: /tmp/" in result.log and "loaded with kexec_file_load" in result.log
