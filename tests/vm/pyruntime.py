@@ -101,7 +101,13 @@ def python_runtime() -> Path:
     """The cached runtime tree (built on first use)."""
     exe = os.path.realpath(sys.executable)
     modules = [m for m in _probe_modules() if not m.startswith(str(ROOT))]
-    libs = sorted({*_ldd(exe), *(lib for m in modules if m.endswith(".so") for lib in _ldd(m))})
+    # The agent's own extension is added per test (add_agent), but the libraries it links must be here: how it was
+    # built (pip in a venv, build.py) decides which (e.g. libpthread).
+    extensions = [*(m for m in modules if m.endswith(".so")), *map(str, (ROOT / "agent").glob("_linux*.so"))]
+    for name in SITE_PACKAGES:  # the copied packages' extensions: a wheel's _cffi_backend may link libpthread
+        for src in SITE.glob(f"{name}*"):
+            extensions += map(str, src.rglob("*.so") if src.is_dir() else [src] if src.suffix == ".so" else [])
+    libs = sorted({*_ldd(exe), *(lib for m in extensions for lib in _ldd(m))})
     key = _key([exe, *libs, *modules])
     tree = cache_root() / key
     if tree.is_dir():
