@@ -13,6 +13,7 @@ Two roles, one file:
 
       python build.py ext      # build agent/_linux*.so in place (development)
       python build.py gen      # only emit csrc/generated/_linux.c
+      python build.py purgatory  # assemble agent/kexec/purgatory.bin (also done by ext and the PEP 517 hooks)
 
   Later commands (static, check-size, initramfs) are added as further
   subcommands in ``main()``.
@@ -65,6 +66,58 @@ def generate_c(verbose: bool = False) -> Path:
 
 
 # --------------------------------------------------------------------------
+# The kexec_load purgatory: csrc/purgatory/ -> agent/kexec/purgatory.bin (git-ignored), a flat position-
+# independent x86_64 blob that agent/kexec/loader.py patches (digests, entry, zero page) and loads with the kernel.
+
+PURGATORY_SRC = CSRC / "purgatory"
+PURGATORY_BIN = ROOT / "agent" / "kexec" / "purgatory.bin"
+PURGATORY_CFLAGS = [
+    "-fpie", "-O2", "-ffreestanding", "-fno-builtin", "-fno-stack-protector", "-mno-red-zone",
+    "-mgeneral-regs-only", "-fno-asynchronous-unwind-tables", "-fvisibility=hidden", "-nostdinc",
+]
+
+
+def build_purgatory(verbose: bool = False, force: bool = False) -> Path:
+    """Compile csrc/purgatory/{entry.S,purgatory.c} with the host gcc, link them flat at 0 with ld and
+    purgatory.lds, objcopy to a raw binary. Skipped when the blob is newer than its sources (unless force).
+    Refuses objects with absolute relocations: the blob must run at whatever address it is loaded."""
+    import subprocess
+    import tempfile
+
+    sources = sorted(PURGATORY_SRC.iterdir()) if PURGATORY_SRC.is_dir() else []
+    if not sources and PURGATORY_BIN.exists():  # an sdist without csrc/purgatory: ship the blob it carries
+        return PURGATORY_BIN
+    if (not force and PURGATORY_BIN.exists()
+            and PURGATORY_BIN.stat().st_mtime >= max(p.stat().st_mtime for p in sources)):
+        return PURGATORY_BIN
+
+    def run(*cmd):
+        if verbose:
+            print(" ".join(map(str, cmd)))
+        proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"purgatory: {cmd[0]} failed: {proc.stderr.strip()}")
+        return proc.stdout
+
+    with tempfile.TemporaryDirectory(prefix="purgatory-") as tmp:
+        t = Path(tmp)
+        run("gcc", "-c", *PURGATORY_CFLAGS, "-o", t / "purgatory.o", PURGATORY_SRC / "purgatory.c")
+        run("gcc", "-c", "-o", t / "entry.o", PURGATORY_SRC / "entry.S")
+        relocs = run("readelf", "-rW", t / "entry.o", t / "purgatory.o")
+        absolute = [line for line in relocs.splitlines() if "R_X86_64_" in line
+                    and not any(k in line for k in ("R_X86_64_PC32", "R_X86_64_PLT32"))]
+        if absolute:
+            raise RuntimeError("purgatory: absolute relocations (not position-independent): " + "; ".join(absolute))
+        run("ld", "-nostdlib", "-static", "--no-warn-rwx-segments", "-T", PURGATORY_SRC / "purgatory.lds",
+            "-o", t / "purgatory.elf", t / "entry.o", t / "purgatory.o")
+        run("objcopy", "-O", "binary", t / "purgatory.elf", t / "purgatory.bin")
+        PURGATORY_BIN.write_bytes((t / "purgatory.bin").read_bytes())
+    if verbose:
+        print(f"built {PURGATORY_BIN.relative_to(ROOT)}")
+    return PURGATORY_BIN
+
+
+# --------------------------------------------------------------------------
 # PEP 517 / PEP 660 hooks: generate, then delegate to setuptools.build_meta.
 # pip runs the hooks with the project root as the current directory, which the
 # relative paths in pyproject's ext-modules rely on.
@@ -104,6 +157,7 @@ def prepare_metadata_for_build_editable(metadata_directory, config_settings=None
 
 def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
     generate_c()
+    build_purgatory()
     return _setuptools_backend().build_wheel(
         wheel_directory, config_settings, metadata_directory
     )
@@ -113,6 +167,7 @@ def build_editable(wheel_directory, config_settings=None, metadata_directory=Non
     # setuptools builds extensions in place for editable installs, so the .so
     # lands in agent/ next to the sources the editable finder points at.
     generate_c()
+    build_purgatory()
     return _setuptools_backend().build_editable(
         wheel_directory, config_settings, metadata_directory
     )
@@ -120,6 +175,7 @@ def build_editable(wheel_directory, config_settings=None, metadata_directory=Non
 
 def build_sdist(sdist_directory, config_settings=None):
     generate_c()
+    build_purgatory()
     return _setuptools_backend().build_sdist(sdist_directory, config_settings)
 
 
@@ -151,6 +207,7 @@ def cmd_ext(args: argparse.Namespace) -> int:
     """Compile agent._linux in place (agent/_linux.<abi>.so), as a developer
     would before running the tests from the source tree."""
     generate_c(verbose=args.verbose)
+    build_purgatory(verbose=args.verbose, force=args.force)
 
     from setuptools import Distribution
 
@@ -184,6 +241,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-f", "--force", action="store_true", help="recompile everything")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=cmd_ext)
+
+    p = sub.add_parser("purgatory", help="build agent/kexec/purgatory.bin (the kexec_load purgatory)")
+    p.add_argument("-f", "--force", action="store_true", help="rebuild even if up to date")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=lambda a: (build_purgatory(verbose=True, force=a.force), 0)[1])
 
     p = sub.add_parser("gen", help="only emit csrc/generated/_linux.c from the cdef")
     p.set_defaults(func=cmd_gen)

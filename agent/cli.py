@@ -126,9 +126,6 @@ def _getmac(args) -> int:
     return 0
 
 
-KEXEC_LOAD_MISSING = "kexec_load (-c) is not implemented yet; use -s"
-
-
 def _reuse_cmdline(path: str = "/proc/cmdline") -> str:
     """The running kernel's command line without what only its boot loader meant (BOOT_IMAGE=, initrd=)."""
     try:
@@ -161,8 +158,6 @@ def _kexec(args) -> int:
         raise NodeagentError("nothing to do: give -l KERNEL, --disk DEVICE, -e or -u")
     if args.unload and (actions or args.exec):
         raise NodeagentError("-u unloads: give it alone")
-    if args.syscall == "c" and not args.unload and actions:
-        raise NodeagentError(KEXEC_LOAD_MISSING)
     if args.unload:
         load.unload()
         say("unloaded")
@@ -176,12 +171,16 @@ def _kexec(args) -> int:
             say(f"found {what}")
             if args.append is None and not args.reuse_cmdline:
                 cmdline = found_cmdline
-        try:
-            how = load.load_file(kernel, initrd, cmdline)
-        except load.KexecFileRefused as err:
-            if args.syscall == "a":
-                raise NodeagentError(f"kexec_file_load refused ({err}); {KEXEC_LOAD_MISSING}") from None
-            raise
+        if args.syscall == "c":
+            how = load.load_legacy(kernel, initrd, cmdline)
+        else:
+            try:
+                how = load.load_file(kernel, initrd, cmdline)
+            except load.KexecFileRefused as err:
+                if args.syscall != "a":
+                    raise
+                say(f"kexec_file_load refused ({err}); falling back to kexec_load")
+                how = load.load_legacy(kernel, initrd, cmdline)
         say(f"{kernel}: {how}")
     if args.exec:
         say("starting the loaded kernel")
@@ -271,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("-s", "--kexec-file-syscall", dest="syscall", action="store_const", const="s",
                      help="load with kexec_file_load only")
     how.add_argument("-c", "--kexec-syscall", dest="syscall", action="store_const", const="c",
-                     help="load with kexec_load (not implemented yet)")
+                     help="load with kexec_load (our own purgatory)")
     how.add_argument("-a", "--kexec-syscall-auto", dest="syscall", action="store_const", const="a",
                      help="kexec_file_load, falling back to kexec_load (the default)")
     p.add_argument("-e", "--exec", action="store_true", help="start the loaded kernel (after -l/--disk if given)")

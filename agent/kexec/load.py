@@ -1,6 +1,7 @@
 """Load a kernel for kexec and start it: the thin shell around agent.linux's syscalls.
 
     load_file(kernel, initrd=None, cmdline="")  -> "loaded with kexec_file_load"   (checks everything first)
+    load_legacy(kernel, initrd=None, cmdline="") -> "loaded with kexec_load"  (our own layout and purgatory: loader)
     unload()                                     unload what is loaded
     execute()                                    sync, then reboot(LINUX_REBOOT_CMD_KEXEC); returns only on error
     find_on_disk(device)                         -> (kernel file, initrd file or None, cmdline, what was found)
@@ -20,6 +21,7 @@ import tempfile
 from collections.abc import Callable
 
 from ..errors import LinuxError, NodeagentError
+from . import loader
 from .bootcfg import RootFs, find_boot_entry
 from .bzimage import BzImageError, fits_in_memory, parse_bzimage
 
@@ -170,13 +172,52 @@ def load_file(kernel: str, initrd: str | None = None, cmdline: str = "", *, rang
     return "loaded with kexec_file_load"
 
 
+def load_legacy(kernel: str, initrd: str | None = None, cmdline: str = "", *, ranges=None, memmap: str = MEMMAP,
+                purgatory: str | None = None, linux=None) -> str:
+    """Check, lay out the kernel, initrd, boot parameters and purgatory (agent.kexec.loader) in the firmware memory
+    map, then load them with kexec_load. Returns "loaded with kexec_load". Every refusal we can foresee is a
+    KexecError before the call; the kernel's own refusal is a KexecError naming the errno."""
+    bz = check(kernel, initrd, cmdline, ranges)
+    data = _read_file(kernel, "kernel")
+    initrd_data = _read_file(initrd, "initrd") if initrd is not None else None
+    e820 = loader.read_memmap(memmap)
+    if not e820:  # no firmware map: the RAM we know of, as e820 RAM entries
+        e820 = [loader.E820Entry(s, e, loader.E820_RAM) for s, e in (ranges if ranges is not None else ram_ranges())]
+    if not e820:
+        raise KexecError(f"kexec_load needs the memory map: cannot read {memmap} or {IOMEM}")
+    try:
+        blob = loader.load_purgatory(purgatory or loader.PURGATORY_BIN)
+        image = loader.build_image(data, bz, initrd_data, cmdline, e820, blob)
+    except loader.LoaderError as err:
+        raise KexecError(f"kernel {kernel}: {err}") from None
+    if linux is None:
+        from .. import linux
+    segments = [linux.KexecSegment(s.buf, s.mem, s.memsz) for s in image.segments]
+    try:
+        linux.kexec_load(image.entry, segments, linux.KEXEC_ARCH_DEFAULT)
+    except LinuxError as err:
+        hint = {
+            errno.ENOSYS: " (the running kernel has no CONFIG_KEXEC)",
+            errno.EPERM: " (needs CAP_SYS_BOOT; refused under lockdown)",
+            errno.EBUSY: " (a kexec is in progress)",
+            errno.EADDRNOTAVAIL: " (a segment is outside the memory the kernel can load into)",
+        }.get(err.errno, "")
+        raise KexecError(f"{err}{hint}") from None
+    return "loaded with kexec_load"
+
+
 def unload(*, linux=None) -> str:
     if linux is None:
         from .. import linux
     try:
         linux.kexec_file_load(None, None, None, linux.KEXEC_FILE_UNLOAD)
     except LinuxError as err:
-        raise KexecError(str(err)) from None
+        if err.errno != errno.ENOSYS:
+            raise KexecError(str(err)) from None
+        try:  # no CONFIG_KEXEC_FILE: kexec_load without segments unloads (either syscall's image)
+            linux.kexec_load(0, [], linux.KEXEC_ARCH_DEFAULT)
+        except LinuxError as err2:
+            raise KexecError(str(err2)) from None
     return "unloaded"
 
 

@@ -1,6 +1,6 @@
 """`nodeagent kexec` in QEMU: the first kernel's initramfs runs the agent (a copied Python runtime until there is a
 static binary). Its /init checks the refusals that must leave the node up (a non-kernel, -e with nothing loaded,
--c), then loads Debian's kernel + a small busybox initramfs with kexec_file_load (-s) and starts it (-e). The
+-c with a non-kernel), then loads Debian's kernel + a small busybox initramfs with kexec_file_load (-s) and starts it (-e). The
 second kernel's /init checks the command line it got and prints the PASS verdict.
 
 test_kexec_disk_boots_grub_default: the same, but `nodeagent kexec --disk /dev/vda -e` finds the kernel, initrd and
@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +20,7 @@ from agent.initramfs.build import build_initramfs
 from .harness import sh_init
 from .pyruntime import add_agent, python_runtime
 
+ROOT = Path(__file__).resolve().parents[2]
 SECOND_MARK = "nodeagent.second=1"
 
 FIRST_INIT = """\
@@ -38,9 +41,10 @@ echo "nodeagent-init: refused /etc/hostname, still up"
 python3 -m agent kexec -e >/tmp/out 2>&1; rc=$?
 cat /tmp/out
 [ $rc -eq 1 ] && grep -q "no kernel loaded" /tmp/out || fail "kexec -e with nothing loaded: exit $rc"
-python3 -m agent kexec -c -l /second/vmlinuz >/tmp/out 2>&1; rc=$?
+python3 -m agent kexec -c -l /etc/hostname >/tmp/out 2>&1; rc=$?
 cat /tmp/out
-[ $rc -eq 1 ] && grep -q "kexec_load (-c) is not implemented yet; use -s" /tmp/out || fail "kexec -c: exit $rc"
+[ $rc -eq 1 ] && grep -q "not a bzImage" /tmp/out || fail "kexec -c -l /etc/hostname: exit $rc"
+[ "$(cat /sys/kernel/kexec_loaded)" = 0 ] || fail "something got loaded by -c"
 echo "nodeagent-init: refusals ok"
 
 python3 -m agent kexec -s -l /second/vmlinuz --initrd /second/initrd.cpio \
@@ -169,3 +173,83 @@ def test_kexec_disk_boots_grub_default(debian_kernel, busybox_spec, boot_vm, tmp
     result.assert_pass()
     assert "nodeagent kexec: found /dev/vda1: /boot/grub/grub.cfg entry 'Debian GNU/Linux, with Linux" in result.log
     assert "nodeagent kexec: /tmp/" in result.log and "loaded with kexec_file_load" in result.log
+
+
+# -- -c: kexec_load with our own segment layout and purgatory ---------------------------------------------------
+
+LEGACY_INIT = """\
+export PATH=/bin:/usr/bin
+mount -t proc proc /proc || fail "mount proc"
+mount -t sysfs sys /sys || fail "mount sysfs"
+mount -t devtmpfs dev /dev || fail "mount devtmpfs"
+echo "nodeagent-init: first kernel $(uname -r)"
+[ -d /sys/firmware/memmap ] || fail "no /sys/firmware/memmap"
+python3 -m agent kexec -c -l /second/vmlinuz --initrd /second/initrd.cpio \\
+    --append "console=ttyS0 panic=-1 {mark}" -e
+fail "kexec -c -l ... -e returned with status $?"
+"""
+
+
+def test_kexec_load_boots_second_kernel(debian_kernel, busybox_spec, boot_vm, tmp_path):
+    subprocess.run([sys.executable, str(ROOT / "build.py"), "purgatory"], check=True, capture_output=True)
+    # -> agent/kexec/purgatory.bin, copied into the guest with the agent
+    spec = agent_spec(busybox_spec, tmp_path)
+    spec.file("init", data=sh_init(LEGACY_INIT.format(mark=SECOND_MARK)), mode=0o755)
+    spec.file("second/vmlinuz", src=debian_kernel.vmlinuz)
+    spec.file("second/initrd.cpio", src=second_initrd(busybox_spec, tmp_path))
+    first = build_initramfs(spec, tmp_path / "first.cpio", compression="none")
+
+    result = boot_vm(first, timeout=150)
+    print(result.summary())
+    log = result.log
+    result.assert_pass()
+    assert "nodeagent kexec: /second/vmlinuz: loaded with kexec_load" in log
+    assert log.index("loaded with kexec_load") < log.index("nodeagent-init: second kernel")
+    assert "kexec_core: Starting new kernel" in log
+    assert "purgatory: SHA-256 mismatch" not in log
+
+
+TAMPER_INIT = """\
+export PATH=/bin:/usr/bin
+mount -t proc proc /proc || fail "mount proc"
+mount -t sysfs sys /sys || fail "mount sysfs"
+mount -t devtmpfs dev /dev || fail "mount devtmpfs"
+python3 - <<'PY'
+from agent.kexec import load, loader
+
+patch = loader.patch_purgatory
+
+
+def tampered(blob, **kw):  # the kernel's digest, one bit off: the purgatory must refuse to start it
+    out = bytearray(patch(blob, **kw))
+    out[out.find(loader.PURGATORY_MAGIC) + 32 + 16] ^= 1
+    return bytes(out)
+
+
+loader.patch_purgatory = tampered
+print("nodeagent-init:", load.load_legacy("/second/vmlinuz", "/second/initrd.cpio",
+                                          "console=ttyS0 panic=-1 {mark}"), flush=True)
+load.execute()
+PY
+fail "python returned with status $?"
+"""
+
+
+def test_kexec_load_purgatory_halts_on_bad_digest(debian_kernel, busybox_spec, boot_vm, tmp_path):
+    """A wrong digest in the purgatory: it says so on COM1 and halts; the second kernel never starts (QEMU is killed
+    at the time limit)."""
+    subprocess.run([sys.executable, str(ROOT / "build.py"), "purgatory"], check=True, capture_output=True)
+    spec = agent_spec(busybox_spec, tmp_path)
+    spec.file("init", data=sh_init(TAMPER_INIT.format(mark=SECOND_MARK)), mode=0o755)
+    spec.file("second/vmlinuz", src=debian_kernel.vmlinuz)
+    spec.file("second/initrd.cpio", src=second_initrd(busybox_spec, tmp_path))
+    first = build_initramfs(spec, tmp_path / "first.cpio", compression="none")
+
+    result = boot_vm(first, timeout=45)
+    print(result.summary())
+    log = result.log
+    assert "nodeagent-init: loaded with kexec_load" in log, result.tail()
+    assert "kexec_core: Starting new kernel" in log, result.tail()
+    assert "nodeagent purgatory: SHA-256 mismatch, halting" in log, result.tail()
+    assert "nodeagent-init: second kernel" not in log and result.verdict is None
+    assert result.timed_out
