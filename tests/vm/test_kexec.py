@@ -8,7 +8,10 @@ command line through the grub.cfg of an ext4 partition on a virtio disk (default
 
 from __future__ import annotations
 
+import hashlib
+import os
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -45,6 +48,13 @@ python3 -m agent kexec -c -l /etc/hostname >/tmp/out 2>&1; rc=$?
 cat /tmp/out
 [ $rc -eq 1 ] && grep -q "not a bzImage" /tmp/out || fail "kexec -c -l /etc/hostname: exit $rc"
 [ "$(cat /sys/kernel/kexec_loaded)" = 0 ] || fail "something got loaded by -c"
+python3 -m agent kexec -s -l /big/vmlinuz >/tmp/out 2>&1; rc=$?
+cat /tmp/out
+[ $rc -eq 1 ] || fail "kexec -s -l /big/vmlinuz: exit status $rc, not 1"
+[ "$(grep -c '' /tmp/out)" = 1 ] || fail "kexec -s -l /big/vmlinuz: not one line"
+grep -Eqi "memory|RAM" /tmp/out || fail "kexec -s -l /big/vmlinuz: message does not mention memory"
+[ "$(cat /sys/kernel/kexec_loaded)" = 0 ] || fail "something got loaded by -s /big/vmlinuz"
+echo "nodeagent-init: refused a kernel too big for RAM, still up"
 echo "nodeagent-init: refusals ok"
 
 python3 -m agent kexec -s -l /second/vmlinuz --initrd /second/initrd.cpio \
@@ -76,10 +86,31 @@ def agent_spec(busybox_spec, tmp_path):
     return spec
 
 
+def synthetic_bzimage(init_size: int) -> bytes:
+    """A minimal bzImage that passes the setup-header checks: protocol 2.15, 64-bit, relocatable, a 16-byte
+    protected-mode kernel, and the given init_size (the memory it claims to need while decompressing)."""
+    setup_sects = 4
+    data = bytearray((setup_sects + 1) * 512 + 16)
+    data[0x1F1] = setup_sects
+    struct.pack_into("<I", data, 0x1F4, 1)  # syssize: one 16-byte paragraph
+    struct.pack_into("<H", data, 0x1FE, 0xAA55)
+    data[0x202:0x206] = b"HdrS"
+    struct.pack_into("<H", data, 0x206, 0x020F)
+    data[0x211] = 0x01  # loadflags: LOADED_HIGH
+    struct.pack_into("<I", data, 0x22C, 0x7FFFFFFF)  # initrd_addr_max
+    struct.pack_into("<I", data, 0x230, 0x200000)  # kernel_alignment
+    data[0x234] = 1  # relocatable_kernel
+    struct.pack_into("<H", data, 0x236, 0x3)  # xloadflags: XLF_KERNEL_64 | XLF_CAN_BE_LOADED_ABOVE_4G
+    struct.pack_into("<I", data, 0x238, 2047)  # cmdline_size
+    struct.pack_into("<I", data, 0x260, init_size)
+    return bytes(data)
+
+
 def test_kexec_file_load_boots_second_kernel(debian_kernel, busybox_spec, boot_vm, tmp_path):
     spec = agent_spec(busybox_spec, tmp_path)
     spec.file("init", data=sh_init(FIRST_INIT.format(mark=SECOND_MARK)), mode=0o755)
     spec.file("etc/hostname", data="node1\n")
+    spec.file("big/vmlinuz", data=synthetic_bzimage(init_size=2 << 30))
     spec.file("second/vmlinuz", src=debian_kernel.vmlinuz)
     spec.file("second/initrd.cpio", src=second_initrd(busybox_spec, tmp_path))
     first = build_initramfs(spec, tmp_path / "first.cpio", compression="none")
@@ -89,6 +120,7 @@ def test_kexec_file_load_boots_second_kernel(debian_kernel, busybox_spec, boot_v
     log = result.log
     result.assert_pass()
     assert "nodeagent-init: refused /etc/hostname, still up" in log
+    assert "nodeagent-init: refused a kernel too big for RAM, still up" in log
     assert "nodeagent-init: refusals ok" in log
     assert "nodeagent kexec: /second/vmlinuz: loaded with kexec_file_load" in log
     assert log.index("loaded with kexec_file_load") < log.index("nodeagent-init: second kernel")
@@ -253,3 +285,69 @@ def test_kexec_load_purgatory_halts_on_bad_digest(debian_kernel, busybox_spec, b
     assert "nodeagent purgatory: SHA-256 mismatch, halting" in log, result.tail()
     assert "nodeagent-init: second kernel" not in log and result.verdict is None
     assert result.timed_out
+
+
+# -- a big initrd (64 MiB of random data) through the handover, with -s and -c ------------------------------------
+
+BIG_FIRST_INIT = """\
+export PATH=/bin:/usr/bin
+mount -t proc proc /proc || fail "mount proc"
+mount -t sysfs sys /sys || fail "mount sysfs"
+mount -t devtmpfs dev /dev || fail "mount devtmpfs"
+echo "nodeagent-init: first kernel $(uname -r), $(grep MemTotal /proc/meminfo)"
+python3 -m agent kexec {mode} -l /second/vmlinuz --initrd /second/initrd.cpio \\
+    --append "console=ttyS0 panic=-1 {mark} nodeagent.sha={sha}" -e
+fail "kexec {mode} -l ... -e returned with status $?"
+"""
+
+BIG_SECOND_INIT = """\
+mount -t proc proc /proc || fail "mount proc"
+echo "nodeagent-init: second kernel, cmdline $(cat /proc/cmdline)"
+grep -q "{mark}" /proc/cmdline || fail "the second kernel's command line lacks {mark}"
+want=
+for w in $(cat /proc/cmdline); do
+    case "$w" in nodeagent.sha=*) want="${{w#nodeagent.sha=}}";; esac
+done
+[ -n "$want" ] || fail "no nodeagent.sha= on the command line"
+[ -f /big.bin ] || fail "no /big.bin in the second initramfs"
+got=$(sha256sum /big.bin)
+got="${{got%% *}}"
+echo "nodeagent-init: /big.bin sha256 $got"
+[ "$got" = "$want" ] || fail "/big.bin sha256 $got, want $want"
+pass
+"""
+
+BIG_SIZE = 64 << 20
+
+
+@pytest.mark.parametrize("mode", ["-s", "-c"])
+def test_kexec_big_initrd(mode, debian_kernel, busybox_spec, boot_vm, tmp_path):
+    if mode == "-c":
+        subprocess.run([sys.executable, str(ROOT / "build.py"), "purgatory"], check=True, capture_output=True)
+    payload = os.urandom(BIG_SIZE)
+    sha = hashlib.sha256(payload).hexdigest()
+    big = tmp_path / "big.bin"
+    big.write_bytes(payload)
+    del payload
+    second = busybox_spec(BIG_SECOND_INIT.format(mark=SECOND_MARK), applets=APPLETS + ("sha256sum",))
+    second.file("big.bin", src=big)
+    initrd = build_initramfs(second, tmp_path / "initrd.cpio", compression="none")
+    assert initrd.stat().st_size > BIG_SIZE
+
+    spec = agent_spec(busybox_spec, tmp_path)
+    spec.file("init", data=sh_init(BIG_FIRST_INIT.format(mode=mode, mark=SECOND_MARK, sha=sha)), mode=0o755)
+    spec.file("second/vmlinuz", src=debian_kernel.vmlinuz)
+    spec.file("second/initrd.cpio", src=initrd)
+    first = build_initramfs(spec, tmp_path / "first.cpio", compression="none")
+
+    result = boot_vm(first, timeout=300, memory=1024)
+    print(result.summary())
+    log = result.log
+    result.assert_pass()
+    loaded = "loaded with kexec_file_load" if mode == "-s" else "loaded with kexec_load"
+    assert f"nodeagent kexec: /second/vmlinuz: {loaded}" in log
+    assert log.index(loaded) < log.index("nodeagent-init: second kernel")
+    assert "kexec_core: Starting new kernel" in log
+    assert f"nodeagent-init: /big.bin sha256 {sha}" in log
+    assert "RAMDISK: incomplete write" not in log
+    assert "purgatory: SHA-256 mismatch" not in log
