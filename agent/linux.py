@@ -23,18 +23,21 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import sys
 from collections.abc import Sequence
 from typing import NamedTuple, Protocol
 
 from agent.errors import LinuxError, NodeagentError
 
-try:
-    from agent import _linux
-except ImportError as exc:  # not built (source tree) or built for another Python
-    _linux = None
-    _import_error: ImportError | None = exc
+_import_error: ImportError | None = None
+if "_agent_linux" in sys.builtin_module_names:  # the static binary: the same C, built into the interpreter
+    import _agent_linux as _linux
 else:
-    _import_error = None
+    try:
+        from agent import _linux
+    except ImportError as exc:  # not built (source tree) or built for another Python
+        _linux = None
+        _import_error = exc
 
 
 class ExtensionMissingError(NodeagentError):

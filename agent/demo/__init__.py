@@ -12,6 +12,7 @@ import json
 import os
 from pathlib import Path
 
+from .. import resources
 from ..errors import NodeagentError
 from ..info import describe
 from ..io.image import restore
@@ -20,7 +21,6 @@ from ..io.sources import FileSource
 from ..io.target import Target
 from ..progress import Progress
 
-HERE = Path(__file__).parent
 MiB = 1 << 20
 
 
@@ -44,10 +44,11 @@ def _restore(image: Path, disk: Path) -> None:
 
 
 def run_demo(folder: str) -> int:
-    expected = json.loads((HERE / "demo.json").read_text())
-    image = HERE / "demo.ndz"
+    expected = json.loads(resources.read_bytes("demo/demo.json"))
     work = Path(folder)
     work.mkdir(parents=True, exist_ok=True)
+    image = work / "demo.ndz"  # the bundled image, copied out: the static binary carries it inside itself
+    image.write_bytes(resources.read_bytes("demo/demo.ndz"))
     print(f"nodeagent demo in {work}/: {expected['what']}")
 
     print("1. the bundled image:")

@@ -186,7 +186,7 @@ def load_legacy(kernel: str, initrd: str | None = None, cmdline: str = "", *, ra
     if not e820:
         raise KexecError(f"kexec_load needs the memory map: cannot read {memmap} or {IOMEM}")
     try:
-        blob = loader.load_purgatory(purgatory or loader.PURGATORY_BIN)
+        blob = loader.load_purgatory(purgatory)
         image = loader.build_image(data, bz, initrd_data, cmdline, e820, blob)
     except loader.LoaderError as err:
         raise KexecError(f"kernel {kernel}: {err}") from None

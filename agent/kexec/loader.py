@@ -25,6 +25,7 @@ import os
 import struct
 from dataclasses import dataclass
 
+from .. import resources
 from ..errors import NodeagentError
 from .bzimage import CAN_USE_HEAP, KASLR_FLAG, KEEP_SEGMENTS, LOADED_HIGH, OFF_SETUP_SECTS, BzImage
 
@@ -32,7 +33,7 @@ PAGE = 4096
 LOW_LIMIT = 0x100000  # nothing below 1 MiB: real-mode area, BIOS data
 FOUR_G = 1 << 32
 MEMMAP = "/sys/firmware/memmap"
-PURGATORY_BIN = os.path.join(os.path.dirname(__file__), "purgatory.bin")
+PURGATORY_NAME = "kexec/purgatory.bin"  # carried by the agent (agent.resources): built from csrc/purgatory
 
 # e820 types (arch/x86/include/uapi/asm/e820.h / the names the kernel gives them in /sys/firmware/memmap)
 E820_RAM, E820_RESERVED, E820_ACPI, E820_NVS, E820_UNUSABLE, E820_PMEM, E820_PRAM = 1, 2, 3, 4, 5, 7, 12
@@ -283,14 +284,22 @@ def zero_page(kernel_data: bytes, *, kernel_addr: int, initrd_addr: int, initrd_
 # -- the purgatory --------------------------------------------------------------------------------------------
 
 
-def load_purgatory(path: str = PURGATORY_BIN) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            blob = f.read()
-    except FileNotFoundError:
-        raise LoaderError(f"no purgatory at {path} (build it: python build.py purgatory)") from None
-    except OSError as err:
-        raise LoaderError(f"purgatory {path}: {err.strerror or err}") from None
+def load_purgatory(path: str | None = None) -> bytes:
+    """The purgatory blob: the one the agent carries, or the file at ``path``."""
+    if path is None:
+        path = PURGATORY_NAME
+        try:
+            blob = resources.read_bytes(PURGATORY_NAME)
+        except resources.ResourceMissingError:
+            raise LoaderError("no purgatory in this build (build it: python build.py purgatory)") from None
+    else:
+        try:
+            with open(path, "rb") as f:
+                blob = f.read()
+        except FileNotFoundError:
+            raise LoaderError(f"no purgatory at {path}") from None
+        except OSError as err:
+            raise LoaderError(f"purgatory {path}: {err.strerror or err}") from None
     if blob.count(PURGATORY_MAGIC) != 1:
         raise LoaderError(f"purgatory {path}: no parameter block (magic {PURGATORY_MAGIC.decode()})")
     return blob
