@@ -25,9 +25,18 @@ def pytest_addoption(parser):
     )
 
 
+def pytest_configure(config):
+    exe = config.getoption("--nodeagent")
+    if exe:
+        exe = str(Path(exe).resolve())
+        if not os.access(exe, os.X_OK):
+            raise pytest.UsageError(f"--nodeagent {exe}: not an executable file")
+        os.environ["NODEAGENT_BIN"] = exe  # for helpers that start the agent in network namespaces
+
+
 @pytest.fixture(scope="session")
 def cli_command(request) -> list[str]:
-    exe = request.config.getoption("--nodeagent")
+    exe = os.environ.get("NODEAGENT_BIN") if request.config.getoption("--nodeagent") else None
     return [exe] if exe else [sys.executable, "-m", "agent"]
 
 

@@ -30,7 +30,8 @@ class Host:
         return ["ip", "netns", "exec", self.ns, *map(str, args)]
 
     def nodeagent(self, *args) -> list[str]:
-        return self.cmd(sys.executable, "-m", "agent", *args)
+        exe = os.environ.get("NODEAGENT_BIN")  # the binary under test (conftest exports --nodeagent)
+        return self.cmd(*([exe] if exe else [sys.executable, "-m", "agent"]), *args)
 
     def popen(self, argv: list[str], **kw) -> subprocess.Popen:
         return subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)

@@ -66,37 +66,37 @@ def py_in_ns(ns: str, code: str) -> str:
 # ----------------------------------------------------------------- getmac
 
 
-def test_getmac_lists_every_ethernet_interface(ns):
-    proc = in_ns(ns, sys.executable, "-m", "agent", "getmac")
+def test_getmac_lists_every_ethernet_interface(ns, cli_command):
+    proc = in_ns(ns, *cli_command, "getmac")
     assert (proc.returncode, proc.stderr) == (0, "")
     assert proc.stdout == f"v0 {MAC0}\nv1 {MAC1}\n"
 
 
-def test_getmac_one_interface(ns):
-    proc = in_ns(ns, sys.executable, "-m", "agent", "getmac", "v1")
+def test_getmac_one_interface(ns, cli_command):
+    proc = in_ns(ns, *cli_command, "getmac", "v1")
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, f"v1 {MAC1}\n", "")
 
 
 @pytest.mark.parametrize("name", ["eth9", "x" * 40, "a/b"])
-def test_getmac_unknown_interface(ns, name):
-    proc = in_ns(ns, sys.executable, "-m", "agent", "getmac", name)
+def test_getmac_unknown_interface(ns, name, cli_command):
+    proc = in_ns(ns, *cli_command, "getmac", name)
     assert (proc.returncode, proc.stdout, proc.stderr) == (1, "", f"nodeagent getmac: no interface {name}\n")
 
 
-def test_getmac_skips_interfaces_without_ethernet_address(ns):
+def test_getmac_skips_interfaces_without_ethernet_address(ns, cli_command):
     ip("-n", ns, "link", "add", "br9", "type", "bridge")  # Ethernet: listed
     ip("-n", ns, "tuntap", "add", "dev", "tun0", "mode", "tun")  # no hardware address: left out
     out = py_in_ns(ns, "from agent import netif; print(netif.macs())")
     assert "br9" in out and "tun0" not in out and "'lo'" not in out
-    proc = in_ns(ns, sys.executable, "-m", "agent", "getmac", "tun0")
+    proc = in_ns(ns, *cli_command, "getmac", "tun0")
     assert proc.returncode == 1 and proc.stderr.startswith("nodeagent getmac: tun0 has no Ethernet address")
 
 
-def test_getmac_empty_namespace():
+def test_getmac_empty_namespace(cli_command):
     """Only lo: nothing to print, success."""
     with veth_namespace() as ns:
         ip("-n", ns, "link", "del", "v0")
-        proc = in_ns(ns, sys.executable, "-m", "agent", "getmac")
+        proc = in_ns(ns, *cli_command, "getmac")
         assert (proc.returncode, proc.stdout, proc.stderr) == (0, "", "")
 
 

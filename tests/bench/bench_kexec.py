@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from debian_kernel import fetch_debian_kernel  # noqa: E402
+from agent.initramfs.debian_kernel import fetch_debian_kernel  # noqa: E402
 
 from agent.initramfs.build import InitramfsSpec, build_initramfs  # noqa: E402
 from tests.vm.conftest import _static_busybox  # noqa: E402

@@ -1,4 +1,5 @@
-"""Debian's current amd64 kernel for tests: downloaded once with `apt-get download` (never installed) and
+"""Debian's current amd64 kernel, for the boot environment's initramfs (`python build.py initramfs`) and the VM
+tests: downloaded once with `apt-get download` (never installed) and
 extracted into ${NODEAGENT_CACHE:-~/.cache/nodeagent}/kernel/PACKAGE/, outside the checkout.
 
     PACKAGE/boot/vmlinuz-RELEASE, PACKAGE/boot/config-RELEASE      (always)
@@ -20,9 +21,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
+from ..errors import NodeagentError
+from .build import write_modules_dep
 
-from agent.initramfs.build import write_modules_dep
+
+class KernelFetchError(NodeagentError):
+    pass
 
 
 @dataclass(frozen=True)
@@ -40,7 +44,7 @@ def cache_dir() -> Path:
 def _run(*cmd, **kw) -> str:
     proc = subprocess.run(cmd, capture_output=True, text=True, **kw)
     if proc.returncode != 0:
-        pytest.fail(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+        raise KernelFetchError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
     return proc.stdout
 
 
@@ -53,7 +57,7 @@ def kernel_package() -> str:
             return m.group(1)
         if attempt == 0:
             _run("apt-get", "update", "-qq")
-    pytest.fail(f"apt-cache depends linux-image-amd64 names no kernel package: {proc.stdout!r} {proc.stderr!r}")
+    raise KernelFetchError(f"apt-cache depends linux-image-amd64 names no kernel package: {proc.stdout!r} {proc.stderr!r}")
 
 
 def _complete_modules(pkgdir: Path) -> Path | None:
@@ -65,21 +69,21 @@ def _extract(package: str, cache: Path, members: list[str], into: Path) -> None:
     """apt-get download `package` into a temporary folder in `cache` and untar `members` (wildcards) of it
     into the temporary tree; then move each top-level folder of the tree into `into` (unless there already)."""
     if shutil.which("apt-get") is None:
-        pytest.fail("cannot fetch Debian's kernel: no apt-get (set NODEAGENT_CACHE to a folder with kernel/...)")
+        raise KernelFetchError("cannot fetch Debian's kernel: no apt-get (set NODEAGENT_CACHE to a folder with kernel/...)")
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache, prefix=".download-") as tmp:
         os.chmod(tmp, 0o755)  # apt-get download as root drops to _apt when it can write the folder
         _run("apt-get", "download", "-q", package, cwd=tmp)
         debs = list(Path(tmp).glob(f"{package}_*.deb"))
         if len(debs) != 1:
-            pytest.fail(f"apt-get download {package} left {debs} in {tmp}")
+            raise KernelFetchError(f"apt-get download {package} left {debs} in {tmp}")
         tree = Path(tmp) / "tree"
         tree.mkdir()
         tar = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(debs[0])], stdout=subprocess.PIPE)
         _run("tar", "-x", "-C", str(tree), "--wildcards", *members, stdin=tar.stdout)
         tar.stdout.close()
         if tar.wait() != 0:
-            pytest.fail(f"dpkg-deb --fsys-tarfile {debs[0]} failed")
+            raise KernelFetchError(f"dpkg-deb --fsys-tarfile {debs[0]} failed")
         for mod in tree.glob("lib/modules/*"):
             write_modules_dep(mod)  # last, so a tree with modules.dep is a complete tree
         into.mkdir(exist_ok=True)
@@ -106,7 +110,7 @@ def fetch_debian_kernel(*, with_modules: bool = True) -> DebianKernel:
                  + (["./lib/modules/*"] if with_modules else []), pkgdir)
         found = sorted((pkgdir / "boot").glob("vmlinuz-*"))
         if not found:
-            pytest.fail(f"{package} has no /boot/vmlinuz-*")
+            raise KernelFetchError(f"{package} has no /boot/vmlinuz-*")
         vmlinuz = found[-1]
     release = vmlinuz.name.removeprefix("vmlinuz-")
     modules = None
@@ -119,5 +123,5 @@ def fetch_debian_kernel(*, with_modules: bool = True) -> DebianKernel:
             _extract(package, cache, [f"./lib/modules/{release}/*"], pkgdir)
             modules = _complete_modules(pkgdir)
         if modules is None or modules.name != release:
-            pytest.fail(f"{package}: no module tree lib/modules/{release} in {pkgdir}")
+            raise KernelFetchError(f"{package}: no module tree lib/modules/{release} in {pkgdir}")
     return DebianKernel(package=package, release=release, vmlinuz=vmlinuz, modules=modules)
