@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from debian_kernel import DebianKernel, fetch_debian_kernel
+from agent.initramfs.debian_kernel import DebianKernel, fetch_debian_kernel
 
 from agent.initramfs.build import InitramfsSpec
 
