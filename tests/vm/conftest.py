@@ -4,6 +4,8 @@
     qemu           -> Qemu(binary, busybox)     (session; installs qemu-system-x86 + busybox-static if missing)
     busybox_spec   -> function(init_script, applets=...) -> InitramfsSpec with busybox, dirs, console devices
     boot_vm        -> function(initramfs, append="", disks=(), timeout=60, **kw) -> VmResult
+    nodeagent_binary -> Path of the static nodeagent the guests run (session): --nodeagent if given, else
+                      `python build.py static` (its stages are cached; a cold build takes a while)
                       (result.assert_pass() raises with the console's last lines)
 """
 
@@ -14,6 +16,7 @@ import os
 import shutil
 import struct
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +89,22 @@ def qemu() -> Qemu:
     if binary is None or busybox is None:
         pytest.fail(f"installed {APT_PACKAGES}, still no qemu-system-x86_64 ({binary}) or static busybox ({busybox})")
     return Qemu(binary=binary, busybox=busybox)
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def nodeagent_binary() -> Path:
+    exe = os.environ.get("NODEAGENT_BIN")
+    if not exe:
+        proc = subprocess.run([sys.executable, "build.py", "static"], cwd=ROOT, capture_output=True, text=True)
+        if proc.returncode != 0:
+            pytest.fail(f"python build.py static failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
+        exe = str(ROOT / "dist" / "nodeagent")
+    if not _is_static_elf(exe):
+        pytest.fail(f"{exe} is not a static executable: the guest has no libraries")
+    return Path(exe)
 
 
 @pytest.fixture(scope="session")

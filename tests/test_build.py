@@ -1,0 +1,76 @@
+"""build.py's size accounting (check-size) on real artefacts: a GNU ld map from linking a real program, Nuitka's
+report format, the pyproject budget."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+
+import pytest
+
+from conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def build():
+    spec = importlib.util.spec_from_file_location("nodeagent_build", ROOT / "build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def linked(tmp_path_factory):
+    """A static program linked with a map: two objects of ours, one with a big table, plus libc and zlib."""
+    d = tmp_path_factory.mktemp("link")
+    (d / "big.c").write_text("const unsigned char big_table[200000] = {1};\nint use_big(int i) { return big_table[i]; }\n")
+    (d / "main.c").write_text('#include <zlib.h>\nint use_big(int);\n'
+                              'int main(int c, char **v) { return use_big(c) + (zlibVersion()[0] == 0); }\n')
+    for name in ("big", "main"):
+        subprocess.run(["gcc", "-Os", "-c", "-o", d / f"{name}.o", d / f"{name}.c"], check=True, capture_output=True)
+    subprocess.run(["gcc", "-static", "-o", d / "prog", d / "main.o", d / "big.o", "-lz",
+                    f"-Wl,-Map={d / 'prog.map'}"], check=True, capture_output=True)
+    return d
+
+
+def test_link_map_sizes(build, linked):
+    sizes = build.parse_link_map((linked / "prog.map").read_text())
+    by_name = {build.contributor_label(path): size for path, size in sizes.items()}
+    big = next(size for (group, item), size in by_name.items() if item.endswith("big.o"))
+    assert 200000 <= big < 201000  # the table, in .rodata, and the little function
+    assert any(group == "libz.a" for group, _ in by_name)
+    assert any(group == "libc.a" for group, _ in by_name)
+    size_out = subprocess.run(["size", "-A", linked / "prog"], capture_output=True, text=True, check=True).stdout
+    alloc = sum(int(line.split()[1]) for line in size_out.splitlines()[2:]
+                if line.split() and line.split()[0].startswith(".") and not line.split()[0].startswith((".bss", ".tbss", ".comment")))
+    total = sum(sizes.values())
+    assert 0.9 * alloc <= total <= alloc  # everything but linker-made sections (.got, .eh_frame_hdr, ...)
+
+
+def test_link_map_refuses_other_text(build):
+    with pytest.raises(ValueError, match="not a GNU ld map"):
+        build.parse_link_map("hello\n")
+
+
+def test_size_table_groups_and_ranks(build):
+    sizes = {"/x/libpython3.11.a(ceval.o)": 300_000, "/x/libpython3.11.a(_decimal.o)": 100_000,
+             "/x/libc.a(malloc.o)": 20_000, "/b/module.agent.cli.o": 50_000}
+    lines = build.size_table(sizes, top=3)
+    text = "\n".join(lines)
+    assert "libpython3.11.a" in text and "compiled Python (Nuitka)" in text
+    ranked = lines[lines.index(next(line for line in lines if line.startswith("biggest"))) + 1:]
+    labels = [line.rsplit(None, 2)[0].strip() for line in ranked]
+    assert labels == ["libpython3.11.a: ceval.o", "libpython3.11.a: _decimal.o", "compiled Python (Nuitka): agent.cli"]
+
+
+def test_excluded_modules_found(build):
+    report = ('<nuitka-compilation-report><module name="agent.cli" kind="CompiledPythonModule"/>'
+              '<module name="email.parser" kind="CompiledPythonModule"/><module name="xmlrpc" kind="x"/>'
+              '<module name="emailx" kind="x"/></nuitka-compilation-report>')
+    assert build.excluded_modules_found(report, ["email", "xml", "xmlrpc"]) == ["email.parser", "xmlrpc"]
+
+
+def test_budget_is_in_pyproject(build):
+    budget = build.size_budget()
+    assert budget["binary"] > 0 and budget["initramfs"] > 0
+    assert "unittest" in budget["excluded-modules"]
