@@ -1,5 +1,6 @@
-"""A Python runtime for a test initramfs, until nodeagent has a static binary: this machine's (dynamically linked)
-Python, the shared libraries `ldd` names (loader included), only the stdlib modules the agent imports, cffi +
+"""A Python runtime for a test initramfs, for the one VM test that patches the kexec loader from Python (a tampered
+digest; the static binary, which every other VM test runs, rightly has no way to do that): this machine's
+(dynamically linked) Python, the shared libraries `ldd` names (loader included), only the stdlib modules the agent imports, cffi +
 _cffi_backend + zstandard, all precompiled to unchecked-hash .pyc files (the cpio's mtimes are 0, so
 timestamp-checked .pyc files would be recompiled at every start under TCG).
 
