@@ -352,6 +352,22 @@ def bench(args, work: Path, runner: Runner, binary: Path, bin_cmd, pkg_cmd, bega
     for path in saved.values():
         path.unlink()
 
+    # 4. The zstd extension (--zstd): save, then image what the package saved; restores checked identical.
+    zref = work / "ref-zstd.ndz"
+    runner.run(pkg_cmd + ["save", "-q", "--zstd", str(disk), str(zref)])
+    zsave_t, zimage_t = ({side: [] for side in sides} for _ in range(2))
+    for i in range(args.runs):
+        for side, cmd in alternate(i, bin_cmd, pkg_cmd):
+            zsave_t[side].append(runner.run(cmd + ["save", "-q", "--zstd", str(disk), str(saved[side])])[0])
+            zimage_t[side].append(runner.run(cmd + ["image", "-q", str(zref), str(outs[side])])[0])
+    for side in sides:
+        if sha256(outs[side]) != restored_digest:
+            raise Failed(f"the zstd image restored by the {'binary' if side == 'bin' else 'package'} differs")
+        outs[side].unlink()
+        saved[side].unlink()
+    zref.unlink()
+    print("check: zstd restores identical", flush=True)
+
     floor = runner.run(["/bin/true"], 60, rss=True)[2]  # what the method reports for a program of ~nothing
 
     # The table.
@@ -383,6 +399,9 @@ def bench(args, work: Path, runner: Runner, binary: Path, bin_cmd, pkg_cmd, bega
         ("  `save`, median wall s", median(save_t["pkg"]), median(save_t["bin"]), "{:.3f}", None, "", ""),
         ("  `save`, median CPU s", median(save_c["pkg"]), median(save_c["bin"]),
          "{:.3f}", None, "", ""),
+        ("`save --zstd`, MiB/s", rate(zsave_t, "pkg"), rate(zsave_t, "bin"), "{:.1f}", "rate", "ratio >= 1", None),
+        ("`image` of a zstd image, MiB/s", rate(zimage_t, "pkg"), rate(zimage_t, "bin"), "{:.1f}", "rate",
+         "ratio >= 1", None),
         ("peak RSS `image`, MiB", peak(image_r, "pkg"), peak(image_r, "bin"), "{:.1f}", None, "", ""),
         ("peak RSS `save`, MiB", peak(save_r, "pkg"), peak(save_r, "bin"), "{:.1f}", None, "", ""),
         ("peak RSS `--version`, MiB", startup_rss["version", "pkg"], startup_rss["version", "bin"], "{:.1f}",
@@ -422,6 +441,10 @@ def bench(args, work: Path, runner: Runner, binary: Path, bin_cmd, pkg_cmd, bega
     print(f"| `info demo.ndz` | {i_pkg:.1f} ms | {i_bin:.1f} ms | {i_bin / i_pkg:.2f} | <= {STARTUP_GOAL_MS:.0f} ms |")
     print(f"| `image` | {im_pkg:.1f} MiB/s | {im_bin:.1f} MiB/s | {im_bin / im_pkg:.2f} | >= 1 |")
     print(f"| `save` (zlib level 4) | {sv_pkg:.1f} MiB/s | {sv_bin:.1f} MiB/s | {sv_bin / sv_pkg:.2f} | >= 1 |")
+    zs_pkg, zs_bin = rate(zsave_t, "pkg"), rate(zsave_t, "bin")
+    zi_pkg, zi_bin = rate(zimage_t, "pkg"), rate(zimage_t, "bin")
+    print(f"| `save --zstd` | {zs_pkg:.1f} MiB/s | {zs_bin:.1f} MiB/s | {zs_bin / zs_pkg:.2f} | >= 1 |")
+    print(f"| `image` (zstd image) | {zi_pkg:.1f} MiB/s | {zi_bin:.1f} MiB/s | {zi_bin / zi_pkg:.2f} | >= 1 |")
     print(f"| peak RSS `image` / `save` | {peak(image_r, 'pkg'):.1f} / {peak(save_r, 'pkg'):.1f} MiB "
           f"| {peak(image_r, 'bin'):.1f} / {peak(save_r, 'bin'):.1f} MiB "
           f"| {peak(image_r, 'bin') / peak(image_r, 'pkg'):.2f} / {peak(save_r, 'bin') / peak(save_r, 'pkg'):.2f} "
