@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 
 from .io.sources import FileSource
@@ -47,7 +46,8 @@ def describe(path: str, regions: bool = False, check: bool = False) -> Iterator[
             f"covered sector range [0-{summary.covered_end - 1}] ({summary.covered_end * SECTOR / MiB:.1f} MiB)"
         )
         for image_id in sorted(summary.image_ids):
-            yield f"image id {uuid.UUID(bytes=image_id)}"
+            h = image_id.hex()  # UUID text form (the uuid module would cost start-up time: it imports platform)
+            yield f"image id {h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
         yield from lines
         ratio = summary.data_bytes / summary.compressed_bytes if summary.compressed_bytes else 0
         yield (

@@ -44,11 +44,16 @@ def test_runs_with_empty_environment_and_empty_tmp(binary):
     self-extraction). Its work folder is outside /tmp, which the fresh tmpfs hides."""
     work = Path(tempfile.mkdtemp(prefix="nodeagent-envi-", dir="/var/tmp"))
     try:
-        image = ROOT / "tests" / "fixtures" / "imagezip" / "fsA-fsaware-v3.ndz"
+        # copies beside the work folder: the checkout itself may live under /tmp (and the copy shows that the
+        # binary needs nothing from where it was built)
+        exe = work / "nodeagent"
+        shutil.copy2(binary, exe)
+        image = work / "fsA-fsaware-v3.ndz"
+        shutil.copyfile(ROOT / "tests" / "fixtures" / "imagezip" / image.name, image)
         script = (
             "set -e; mount -t tmpfs none /tmp; cd /; "
-            f"env -i {binary} demo {work}/demo > {work}/out 2>&1; "
-            f"env -i {binary} info {image} >> {work}/out 2>&1; "
+            f"env -i {exe} demo {work}/demo > {work}/out 2>&1; "
+            f"env -i {exe} info {image} >> {work}/out 2>&1; "
             f"ls -A /tmp > {work}/tmp-listing"
         )
         proc = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script], capture_output=True,

@@ -310,3 +310,15 @@ def test_packer_wants_a_fresh_piece_when_its_dictionary_is_not_in_the_chunk():
     assert packer.judge(with_dict).fit is Fit.FRESH_NEEDED
     packer.add(Piece(((2, 62),), b"x" * 100, 1, 1024))  # a dictionary that is all inside the chunk is fine
     assert packer.judge(Piece(((64, 64),), b"x" * 100, 1, 32 << 10)).fit is Fit.FITS
+
+
+def test_v5_image_ids_are_version_4_uuids():
+    import uuid
+
+    from agent.ndz.chunker import random_uuid4
+
+    ids = {random_uuid4() for _ in range(200)}
+    assert len(ids) == 200
+    for raw in ids:
+        u = uuid.UUID(bytes=raw)
+        assert (u.version, u.variant) == (4, uuid.RFC_4122)

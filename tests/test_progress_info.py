@@ -73,3 +73,17 @@ def test_fraction_from_other_units():
     clock.t += 10
     p.update(40 << 20, fraction=0.25)
     assert out.getvalue().startswith("Progress: 25% written 40.0 MiB, 4.0 MiB/s, 0:00:10 elapsed, ETA 0:00:30")
+
+
+def test_info_shows_the_v5_image_id_as_a_uuid(tmp_path, run_cli):
+    import uuid
+
+    from agent.ndz.header import decode
+
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(b"nodeagent" * 100000)
+    image = tmp_path / "disk.ndz"
+    run_cli("save", "-q", "-r", "--v5", disk, image, check=True)
+    raw = decode(image.read_bytes()[:4096]).image_id
+    proc = run_cli("info", image, check=True)
+    assert f"image id {uuid.UUID(bytes=raw)}" in proc.out

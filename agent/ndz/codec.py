@@ -20,7 +20,6 @@ import threading
 import zlib
 from collections.abc import Iterator
 
-import zstandard
 
 from ..errors import ImageFormatError
 
@@ -33,9 +32,17 @@ _FINAL_EMPTY_BLOCK = b"\x03\x00"  # BFINAL=1, fixed Huffman, end-of-block: what 
 _local = threading.local()  # zstandard's contexts are not thread-safe: one per thread
 
 
-def _zstd_dctx() -> zstandard.ZstdDecompressor:
+def _zstandard():
+    """zstandard, imported when a zstd image is first met: most images are zlib, and its import (which pulls in
+    platform) is a tenth of the static binary's start-up."""
+    import zstandard
+
+    return zstandard
+
+
+def _zstd_dctx():
     if not hasattr(_local, "dctx"):
-        _local.dctx = zstandard.ZstdDecompressor()
+        _local.dctx = _zstandard().ZstdDecompressor()
     return _local.dctx
 
 
@@ -110,7 +117,7 @@ def _inflate_zstd(data, expected: int, index) -> Iterator[bytes]:
                 if produced > expected:
                     raise ImageFormatError(f"chunk {index}: compressed stream holds more than the {expected} bytes its regions describe")
                 yield piece
-    except zstandard.ZstdError as err:
+    except _zstandard().ZstdError as err:
         raise ImageFormatError(f"chunk {index}: corrupt zstd stream ({err})") from None
     if produced != expected:
         raise ImageFormatError(f"chunk {index}: stream inflates to {produced} bytes, its regions describe {expected}")
@@ -136,7 +143,7 @@ def compress_piece(codec: str, level: int, data: bytes | memoryview, dictionary:
         else:
             deflater = zlib.compressobj(level, zlib.DEFLATED, -15)
         return deflater.compress(data) + deflater.flush(zlib.Z_SYNC_FLUSH)
-    return zstandard.ZstdCompressor(level=level).compress(data)
+    return _zstandard().ZstdCompressor(level=level).compress(data)
 
 
 def piece_bound(codec: str, n: int) -> int:
