@@ -197,10 +197,11 @@ def build_sdist(sdist_directory, config_settings=None):
 #            lib/libpython3.11.a, which Nuitka links, holds only STATIC_AGENT_MODULES (the full archive is
 #            kept as libpython3.11-full.a); the interpreter itself has them all, for running Nuitka.
 #   nuitka   Nuitka's package with csrc/static/nuitka-*.patch, put on that interpreter's path (PYTHONPATH).
-#   agent    (never cached) the agent's .py files staged with agent/_embedded.py, compiled by Nuitka run by
-#            that interpreter, linked by the wrapper (--gc-sections): dist/nodeagent (stripped),
-#            dist/nodeagent.map (linker map), dist/nodeagent-report.xml (Nuitka's report). Work files and
-#            Nuitka's log: build/static/.
+#   agent    the agent's .py files staged with agent/_embedded.py, compiled by Nuitka run by that interpreter,
+#            linked by the wrapper (--gc-sections): dist/nodeagent (stripped), dist/nodeagent.map (linker map),
+#            dist/nodeagent-report.xml (Nuitka's report); redone only when its key (dist/nodeagent.key: the
+#            agent's files and the stages below) changes. Work files and Nuitka's log: build/static/.
+# `python build.py check-size` then holds the binary and the node's initramfs to [tool.nodeagent.size-budget].
 # Sources come from Debian's archive (pinned URL + sha256, else `apt-get source` with a throw-away apt
 # configuration) and PyPI (`pip download`), cached in <cache>/static/downloads.
 
