@@ -615,8 +615,10 @@ def static_sysroot(verbose: bool = False, jobs: int = 2) -> Path:
 # ---- stage 2: python ---------------------------------------------------------
 
 PYTHON_FILES = ["Setup.local", "zstd_backend_c.c", "agent_linux.c", "agent_linux_c.c", "agent_linux_prelude.h"]
-CPYTHON_PATCHES = ["cpython-ctypes-no-dlopen-null.patch", "cpython-idna-lazy-nameprep.patch"]
-NUITKA_PATCHES = ["nuitka-safestrings-uclibc.patch", "nuitka-profiling-no-dlopen.patch"]
+CPYTHON_PATCHES = ["cpython-ctypes-no-dlopen-null.patch", "cpython-idna-lazy-nameprep.patch",
+                   "cpython-dataclasses-lazy-inspect.patch"]
+NUITKA_PATCHES = ["nuitka-safestrings-uclibc.patch", "nuitka-profiling-no-dlopen.patch",
+                  "nuitka-no-inspect-at-startup.patch"]
 AGENT_C_INPUTS = [CDEF, CSRC / "linux.h", CSRC / "linux.c"]
 # The built-in modules linked into dist/nodeagent (a subset of Setup.local; the interpreter that runs Nuitka
 # has them all). Besides these, CPython's Setup.bootstrap modules are always in.
