@@ -293,8 +293,9 @@ class StaticBuildError(RuntimeError):
 
 
 def _static_cache_root() -> Path:
-    base = os.environ.get("NODEAGENT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "nodeagent")
-    return Path(base) / "static"
+    from agent.initramfs import cache_root  # the one place that reads NODEAGENT_CACHE
+
+    return cache_root() / "static"
 
 
 def _stage_key(*parts) -> str:

@@ -1,4 +1,4 @@
-"""Debian's current amd64 kernel, for the boot environment's initramfs (`python build.py initramfs`) and the VM
+"""Debian's current amd64 kernel, for the node's initramfs (`python build.py check-size` measures it) and the VM
 tests: downloaded once with `apt-get download` (never installed) and
 extracted into ${NODEAGENT_CACHE:-~/.cache/nodeagent}/kernel/PACKAGE/, outside the checkout.
 
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import NodeagentError
+from . import cache_root
 from .build import write_modules_dep
 
 
@@ -38,7 +39,7 @@ class DebianKernel:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("NODEAGENT_CACHE") or "~/.cache/nodeagent").expanduser() / "kernel"
+    return cache_root() / "kernel"
 
 
 def _run(*cmd, **kw) -> str:

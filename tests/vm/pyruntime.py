@@ -26,6 +26,8 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
+from agent import initramfs
+
 ROOT = Path(__file__).resolve().parents[2]
 PYVER = f"python{sys.version_info.major}.{sys.version_info.minor}"
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -54,7 +56,7 @@ runpy.run_module("agent", run_name="__main__")
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("NODEAGENT_CACHE") or "~/.cache/nodeagent").expanduser() / "python-runtime"
+    return initramfs.cache_root() / "python-runtime"
 
 
 def _ldd(path: str) -> list[str]:
