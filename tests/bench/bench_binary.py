@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import random
 import re
 import shutil
 import signal
@@ -56,48 +55,13 @@ RATIO_TOLERANCE = 0.97  # a throughput ratio at or above this counts as "not slo
 # The disk (made in a child process: see the docstring on peak RSS)
 
 
-def _write_files(root: Path, seed: int = 1) -> None:
-    """~600 MiB of files, written in pieces of at most 1 MiB: text-like (slices of Python's own sources), random,
-    half zeros (4 KiB random, 4 KiB zero)."""
-    rng = random.Random(seed)
-    corpus = b"".join(p.read_bytes() for p in sorted(Path(os.__file__).parent.glob("*.py")))
-    third = FILE_BYTES // 3
-    for kind in ("text", "random", "halfzero"):
-        (root / kind).mkdir(parents=True)
-        made = i = 0
-        while made < third:
-            size = min(rng.randrange(64 << 10, 16 << 20), third - made) or 1
-            with open(root / kind / f"f{i:04d}", "wb") as f:
-                left = size
-                while left:
-                    n = min(left, MiB)
-                    if kind == "text":
-                        parts, got = [], 0
-                        while got < n:
-                            start = rng.randrange(0, len(corpus) - 65536)
-                            piece = corpus[start : start + rng.randrange(4096, 65536)]
-                            parts.append(piece)
-                            got += len(piece)
-                        data = b"".join(parts)[:n]
-                    elif kind == "random":
-                        data = rng.randbytes(n)
-                    else:
-                        data = b"".join(rng.randbytes(4096) + bytes(4096) for _ in range(n // 8192 + 1))[:n]
-                    f.write(data)
-                    left -= n
-            made += size
-            i += 1
-
-
 def make_disk(path: Path) -> None:
-    files = path.parent / "files"
-    shutil.rmtree(files, ignore_errors=True)
-    _write_files(files)
+    """bench_ndz's disk and files, smaller; written as PATH.part and renamed, so a kept disk is always whole."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import bench_ndz
+
     part = path.with_name(path.name + ".part")
-    with open(part, "wb") as f:
-        f.truncate(DISK_BYTES)
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(files), str(part)], check=True)
-    shutil.rmtree(files)
+    bench_ndz.make_disk(part, path.parent, disk_bytes=DISK_BYTES, file_bytes=FILE_BYTES)
     part.rename(path)
 
 

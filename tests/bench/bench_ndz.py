@@ -44,11 +44,12 @@ DISK_BYTES = 2 << 30
 FILE_BYTES = 1300 * MiB
 
 
-def make_files(root: Path, seed: int = 1) -> None:
-    """~1.3 GiB: text-like files (slices of Python's own sources, shuffled), random files, half-zero files."""
+def make_files(root: Path, seed: int = 1, total: int = FILE_BYTES) -> None:
+    """`total` bytes (~1.3 GiB by default): text-like files (slices of Python's own sources, shuffled), random
+    files, half-zero files."""
     rng = random.Random(seed)
     corpus = b"".join(p.read_bytes() for p in sorted(Path(os.__file__).parent.glob("*.py")))
-    third = FILE_BYTES // 3
+    third = total // 3
     for kind in ("text", "random", "halfzero"):
         (root / kind).mkdir(parents=True)
         made = 0
@@ -75,13 +76,14 @@ def make_files(root: Path, seed: int = 1) -> None:
             i += 1
 
 
-def make_disk(path: Path, work: Path) -> None:
+def make_disk(path: Path, work: Path, disk_bytes: int = DISK_BYTES, file_bytes: int = FILE_BYTES) -> None:
+    """An ext4 file system of `disk_bytes` at `path` holding make_files(total=file_bytes)."""
     files = work / "files"
     if files.exists():
         shutil.rmtree(files)
-    make_files(files)
+    make_files(files, total=file_bytes)
     with open(path, "wb") as f:
-        f.truncate(DISK_BYTES)
+        f.truncate(disk_bytes)
     subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(files), str(path)], check=True)
     shutil.rmtree(files)
 
