@@ -3,7 +3,6 @@ linked statically, needs no file, no environment and no /tmp."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import tempfile
@@ -15,11 +14,10 @@ from conftest import ROOT, needs_root
 
 
 @pytest.fixture(scope="module")
-def binary(request) -> str:
-    exe = os.environ.get("NODEAGENT_BIN") if request.config.getoption("--nodeagent") else None
-    if not exe:
+def binary(cli_command) -> str:
+    if len(cli_command) != 1:  # python -m agent
         pytest.skip("no --nodeagent binary given (CI builds one and passes it)")
-    return exe
+    return cli_command[0]
 
 
 def test_file_says_statically_linked(binary):

@@ -20,7 +20,6 @@ import threading
 import zlib
 from collections.abc import Iterator
 
-
 from ..errors import ImageFormatError
 
 PIECE_OUT = 1 << 20  # most inflated bytes handed out at once

@@ -4,9 +4,9 @@
     qemu           -> Qemu(binary, busybox)     (session; installs qemu-system-x86 + busybox-static if missing)
     busybox_spec   -> function(init_script, applets=...) -> InitramfsSpec with busybox, dirs, console devices
     boot_vm        -> function(initramfs, append="", disks=(), timeout=60, **kw) -> VmResult
+                      (result.assert_pass() raises with the console's last lines)
     nodeagent_binary -> Path of the static nodeagent the guests run (session): --nodeagent if given, else
                       `python build.py static` (its stages are cached; a cold build takes a while)
-                      (result.assert_pass() raises with the console's last lines)
 """
 
 from __future__ import annotations
