@@ -1081,7 +1081,13 @@ def cmd_check_size(args: argparse.Namespace) -> int:
         print(f"check-size: no {binary} (build it: python build.py static)", file=sys.stderr)
         return 2
     failures = []
-    initramfs, order = build_node_initramfs(binary, binary.parent / "initramfs.cpio.xz")
+    from agent.errors import NodeagentError
+
+    try:
+        initramfs, order = build_node_initramfs(binary, binary.parent / "initramfs.cpio.xz")
+    except NodeagentError as err:  # no kernel to take the modules from, a module missing from it, ...
+        print(f"check-size: the node initramfs: {err}", file=sys.stderr)
+        return 1
     rows = [("binary (stripped)", binary, binary.stat().st_size, budget["binary"]),
             (f"initramfs (.cpio.xz, {len(order)} modules)", initramfs, initramfs.stat().st_size, budget["initramfs"])]
     print(f"{'what':<34} {'bytes':>11} {'budget':>11}  verdict")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import subprocess
+import sys
 
 import pytest
 
@@ -74,3 +75,15 @@ def test_budget_is_in_pyproject(build):
     budget = build.size_budget()
     assert budget["binary"] > 0 and budget["initramfs"] > 0
     assert "unittest" in budget["excluded-modules"]
+
+
+def test_check_size_without_a_kernel_says_so_in_one_line(tmp_path):
+    """No cached kernel and no apt-get to fetch one: one line, exit status 1, no traceback."""
+    binary = tmp_path / "nodeagent"
+    binary.write_bytes(b"\x7fELF" + bytes(100))
+    env = {"PATH": str(tmp_path), "NODEAGENT_CACHE": str(tmp_path / "cache")}  # no apt-get on this PATH
+    proc = subprocess.run([sys.executable, ROOT / "build.py", "check-size", "--binary", binary], env=env,
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("check-size: the node initramfs: cannot fetch Debian's kernel: no apt-get")

@@ -49,8 +49,16 @@ def _run(*cmd, **kw) -> str:
     return proc.stdout
 
 
+def _require_apt() -> None:
+    missing = [tool for tool in ("apt-get", "apt-cache", "dpkg-deb") if shutil.which(tool) is None]
+    if missing:
+        raise KernelFetchError(f"cannot fetch Debian's kernel: no {', '.join(missing)} "
+                               "(set NODEAGENT_CACHE to a folder with kernel/...)")
+
+
 def kernel_package() -> str:
     """The concrete linux-image-X-amd64 package the linux-image-amd64 metapackage depends on."""
+    _require_apt()
     for attempt in range(2):
         proc = subprocess.run(["apt-cache", "depends", "linux-image-amd64"], capture_output=True, text=True)
         m = re.search(r"Depends:\s*(linux-image-\S+-amd64)\b", proc.stdout)
@@ -69,8 +77,7 @@ def _complete_modules(pkgdir: Path) -> Path | None:
 def _extract(package: str, cache: Path, members: list[str], into: Path) -> None:
     """apt-get download `package` into a temporary folder in `cache` and untar `members` (wildcards) of it
     into the temporary tree; then move each top-level folder of the tree into `into` (unless there already)."""
-    if shutil.which("apt-get") is None:
-        raise KernelFetchError("cannot fetch Debian's kernel: no apt-get (set NODEAGENT_CACHE to a folder with kernel/...)")
+    _require_apt()
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache, prefix=".download-") as tmp:
         os.chmod(tmp, 0o755)  # apt-get download as root drops to _apt when it can write the folder
