@@ -119,6 +119,15 @@ def is_up(name: str) -> bool:
         raise _no_such(name, err) from None
 
 
+def has_link(name: str) -> bool:
+    """Whether interface `name` is up and has a carrier (IFF_RUNNING): a cable, a peer, a bridge port."""
+    try:
+        with _ioctl_socket() as sock:
+            return bool(linux.interface_flags(sock, name) & linux.IFF_RUNNING)
+    except LinuxError as err:
+        raise _no_such(name, err) from None
+
+
 def add_default_route(gateway: str, name: str | None = None, metric: int = 0) -> None:
     """Add the IPv4 default route via `gateway` (out of interface `name`, or whichever reaches the gateway)
     (SIOCADDRT).  The interface needs an address on the gateway's subnet first."""

@@ -20,6 +20,7 @@ from typing import Callable, Optional
 from .. import netif
 from ..errors import AddressInUseError, LinuxError, NetworkError
 from .dhcp import CLIENT_PORT, Bound, DhcpClient, Expired, GaveUp, Lease, Renewed
+from .ipconfig import Nic, Plan
 
 SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
 
@@ -192,6 +193,38 @@ class LeaseKeeper(threading.Thread):
     def stop(self) -> None:
         self._stopping.set()
         self.join()
+
+
+def present_nics(link_wait: float = 0.0) -> list[Nic]:
+    """The Ethernet interfaces, brought up, with whether each has a link; waits up to `link_wait` seconds for the
+    first link (a NIC's carrier comes some time after it is brought up)."""
+    names = [name for name, _ in netif.macs()]
+    for name in names:
+        netif.set_up(name)
+    end = time.monotonic() + link_wait
+    while True:
+        nics = [Nic(name, mac, netif.has_link(name)) for name, mac in netif.macs() if name in names]
+        if any(nic.link for nic in nics) or time.monotonic() >= end:
+            return nics
+        time.sleep(0.05)
+
+
+def bring_up(plan: Plan, *, timeout: float = 60.0, log: Callable[[str], None] = _stderr,
+             hostname: Optional[str] = None) -> Optional[LeaseKeeper]:
+    """Carry out a Plan of agent.net.ipconfig.decide(): log its notes, set the static address or get and apply a
+    DHCP lease; for a lease, the LeaseKeeper renewing it. NetworkError when no lease comes."""
+    for note in plan.notes:
+        log(note)
+    if plan.method == "static":
+        param = plan.static
+        configure(plan.interfaces[0], param.address, param.netmask, param.gateway)
+        return None
+    if plan.method != "dhcp":
+        return None
+    session, lease = acquire(list(plan.interfaces), timeout=timeout, hostname=hostname)
+    apply_lease(session.ifname, lease)
+    log(f"network: {describe(session.ifname, lease)}")
+    return keep(session, lease, log)
 
 
 def keep(session: Session, lease: Lease, log: Callable[[str], None] = _stderr) -> LeaseKeeper:
