@@ -10,6 +10,7 @@ import itertools
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,3 +78,31 @@ def lan(count: int):
                 subprocess.run(["kill", "-9", pid], capture_output=True)
             subprocess.run(["ip", "netns", "del", host.ns], capture_output=True)
         subprocess.run(["ip", "netns", "del", switch], capture_output=True)
+
+
+@contextlib.contextmanager
+def dnsmasq(host: Host, workdir: Path, *options: str):
+    """Debian's dnsmasq (package dnsmasq-base) as the DHCP server of `host`'s eth0 and nothing else (no DNS, no
+    other interface, no config file), in the foreground; `options` are more --options (dhcp-range ...). Yields the
+    process once it serves; its log is workdir/dnsmasq.log."""
+    log = workdir / "dnsmasq.log"
+    argv = host.cmd(
+        "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--port=0", "--interface=eth0",
+        "--bind-interfaces", "--except-interface=lo", "--no-ping", "--dhcp-authoritative", "--user=root",
+        "--pid-file=", "--log-dhcp", f"--log-facility={log}", f"--dhcp-leasefile={workdir / 'dnsmasq.leases'}",
+        *options,
+    )
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        for _ in range(100):
+            if proc.poll() is not None:
+                raise RuntimeError(f"dnsmasq exited: {proc.stderr.read().decode(errors='replace')}")
+            if log.exists() and "DHCP, IP range" in log.read_text():
+                break
+            time.sleep(0.05)
+        else:
+            raise RuntimeError("dnsmasq did not start serving within 5 s")
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()

@@ -180,7 +180,8 @@ class DhcpClient(Engine):
             self.state = GAVE_UP
             if self.problem:
                 return [GaveUp(f"no lease in {self.timeout:g} s: {self.problem}")]
-            return [GaveUp(f"no DHCP server answered ({self.discovers} DISCOVERs in {self.timeout:g} s)")]
+            plural = "s" if self.discovers != 1 else ""
+            return [GaveUp(f"no DHCP server answered ({self.discovers} DISCOVER{plural} in {self.timeout:g} s)")]
         if state == BOUND and now >= self.t1_at:
             self.state, self.retry_at, self.started = RENEWING, now, now
             self.xid = self.rng.getrandbits(32)  # a new transaction: late replies to the last one are not taken
