@@ -93,6 +93,12 @@ def set_address(name: str, addr: str) -> None:
     _configure(name, linux.set_ipv4_address, addr)
 
 
+def clear_address(name: str) -> None:
+    """Remove interface `name`'s IPv4 address, and the routes through it (SIOCSIFADDR with 0.0.0.0), e.g. when a
+    DHCP lease is lost."""
+    _configure(name, linux.set_ipv4_address, "0.0.0.0")
+
+
 def set_netmask(name: str, netmask: str) -> None:
     """Set the netmask ("255.255.255.0") of interface `name`'s IPv4 address (SIOCSIFNETMASK)."""
     _configure(name, linux.set_ipv4_netmask, netmask)

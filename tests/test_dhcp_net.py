@@ -207,3 +207,14 @@ def test_malformed_ip_value_is_one_usage_line(net):
     proc = run_client(client, ip="10.77.0.300:::255.255.255.0")
     assert (proc.returncode, proc.stdout) == (2, "")
     assert proc.stderr == "ip=10.77.0.300:::255.255.255.0: client address '10.77.0.300' is not an IPv4 address\n"
+
+
+def test_a_lost_lease_takes_the_address_and_its_routes_away(net):
+    """What the lease keeper does on Expired (netif.clear_address), on a configured interface."""
+    _, client = net
+    code = "from agent.net import bringup\nbringup.configure('eth0', '10.77.0.9', '255.255.255.0', '10.77.0.1')\n"
+    subprocess.run(client.cmd(sys.executable, "-c", code), cwd=ROOT, check=True)
+    assert addresses(client) == ["10.77.0.9/24"] and "default via 10.77.0.1 dev eth0" in routes(client)
+    subprocess.run(client.cmd(sys.executable, "-c", "from agent import netif; netif.clear_address('eth0')"),
+                   cwd=ROOT, check=True)
+    assert addresses(client) == [] and routes(client) == []

@@ -184,7 +184,7 @@ class LeaseKeeper(threading.Thread):
             self.log(f"network: {what}: {describe(name, event.lease)}")
         elif isinstance(event, Expired):
             self.lease = None
-            netif.set_address(name, "0.0.0.0")  # removes the address (and its routes)
+            netif.clear_address(name)
             self.log(f"network: {name} lost its address: {event.reason}")
         elif isinstance(event, GaveUp):
             self.log(f"network: {name}: {event.reason}")
