@@ -175,7 +175,8 @@ def test_no_server_gives_up_with_one_line(net):
 def test_first_lease_wins_on_several_interfaces(net, tmp_path):
     """No BOOTIF=: DHCP on every interface with a link; one has no server behind it, the other gets the lease."""
     server, client = net
-    ip("-n", client.ns, "link", "add", "aa0", "type", "veth", "peer", "name", "aa1")  # both ends sort first, nobody answers
+    # a veth pair: both ends sort before eth0, and nobody answers on them
+    ip("-n", client.ns, "link", "add", "aa0", "type", "veth", "peer", "name", "aa1")
     ip("-n", client.ns, "link", "set", "aa0", "up")
     ip("-n", client.ns, "link", "set", "aa1", "up")  # both linked before the client looks
     with dnsmasq(server, tmp_path, RANGE, *OPTIONS):
