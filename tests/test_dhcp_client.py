@@ -280,3 +280,20 @@ def test_bad_arguments():
         dhcp.DhcpClient("02:00", 0.0)
     with pytest.raises(ValueError, match="not a host name"):
         dhcp.DhcpClient(MAC, 0.0, hostname="n\u00e9ud")
+
+
+def test_ack_without_server_id_keeps_the_offering_server():
+    client, discover, _ = start()
+    client.receive(server_reply(m.encode(discover), m.OFFER), (SERVER, 67), 1.0)
+    [(request, _)] = sent(client)
+    [event] = client.receive(server_reply(m.encode(request), m.ACK, server=None), None, 1.1)
+    assert event.lease.server_id == SERVER
+    client.timer(client.next_deadline())
+    [(_, dest)] = sent(client)
+    assert dest == (SERVER, 67)  # the renewal goes to it
+
+
+def test_is_an_engine():
+    from agent.sansio import Engine
+
+    assert isinstance(dhcp.DhcpClient(MAC, 0.0), Engine)

@@ -110,7 +110,7 @@ def test_encode_refuses_what_it_cannot_encode():
         m.encode(m.Message(1, 1 << 32, MAC))
 
 
-@settings(max_examples=3000, deadline=None)
+@settings(max_examples=2000, deadline=None)
 @given(st.binary(max_size=600))
 def test_fuzz_anything_decodes_or_is_refused(data):
     try:
@@ -122,7 +122,7 @@ def test_fuzz_anything_decodes_or_is_refused(data):
 _OPTION = st.tuples(st.integers(0, 255), st.binary(max_size=12)).map(lambda t: bytes((t[0], len(t[1]))) + t[1])
 
 
-@settings(max_examples=3000, deadline=None)
+@settings(max_examples=2000, deadline=None)
 @given(st.lists(_OPTION | st.sampled_from([b"\0", b"\xff", bytes((52, 1, 3))]), max_size=12),
        st.binary(max_size=128), st.binary(max_size=64))
 def test_fuzz_option_soup_decodes_or_is_refused(options, file, sname):

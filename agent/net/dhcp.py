@@ -16,7 +16,7 @@ The replies ask to be broadcast (the BROADCAST flag) while we have no address, s
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 from ..sansio import Address, Engine, Outgoing
@@ -155,7 +155,7 @@ class DhcpClient(Engine):
             except m.MessageError as err:
                 return self._ignore(str(err))
             if not lease.server_id:
-                lease = Lease(**{**lease.__dict__, "server_id": self.server})
+                lease = replace(lease, server_id=self.server)
             renewed = self.state != REQUESTING and self.lease is not None and lease.address == self.lease.address
             self._bind(lease, now)
             return [Renewed(lease) if renewed else Bound(lease)]

@@ -14,7 +14,7 @@ from which value. A malformed value is a UsageError naming it.
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple, Optional
 
 from ..errors import NetworkError, UsageError
@@ -140,7 +140,7 @@ def decide(ip: Optional[str], bootif: Optional[str], nics: list) -> Plan:
         return Plan("dhcp", names, None, (interface, f"network: DHCP ({source})"))
     line = f"network: static {param.address}"
     if param.netmask is None:
-        param = IpParam(**{**param.__dict__, "netmask": classful_netmask(param.address)})
+        param = replace(param, netmask=classful_netmask(param.address))
         line += f"/{prefix_of(param.netmask)} (the class's netmask)"
     else:
         line += f"/{prefix_of(param.netmask)}"
