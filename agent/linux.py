@@ -99,15 +99,6 @@ def block_size_bytes(fd: FD) -> int:
     return int(out[0])
 
 
-def logical_sector_size(fd: FD) -> int:
-    """Logical sector size of the block device in bytes (BLKSSZGET)."""
-    lib, fd = _lib(), _fileno(fd)
-    out = _linux.ffi.new("int *")
-    if lib.na_blk_sszget(fd, out) != 0:
-        raise _fail("BLKSSZGET", fd)
-    return int(out[0])
-
-
 def flush_buffers(fd: FD) -> None:
     """Write back and drop the device's buffer cache (BLKFLSBUF)."""
     lib, fd = _lib(), _fileno(fd)
@@ -124,20 +115,6 @@ def reread_partitions(fd: FD) -> None:
     lib, fd = _lib(), _fileno(fd)
     if lib.na_blk_rrpart(fd) != 0:
         raise _fail("BLKRRPART", fd)
-
-
-def discard(fd: FD, offset: int, length: int) -> None:
-    """Discard (TRIM) bytes [offset, offset+length) of the device (BLKDISCARD).
-
-    Both must be multiples of the logical sector size; length 0 does nothing.
-    What discarded blocks
-    read back as depends on the device; use zero_out() when zeros are needed.
-    """
-    lib, fd = _lib(), _fileno(fd)
-    if not _check_range(offset, length):
-        return
-    if lib.na_blk_discard(fd, offset, length) != 0:
-        raise _fail(f"BLKDISCARD {offset}+{length}", fd)
 
 
 def zero_out(fd: FD, offset: int, length: int) -> None:
@@ -196,7 +173,7 @@ CONSTANTS = frozenset(
         "MODULE_INIT_IGNORE_MODVERSIONS", "MODULE_INIT_IGNORE_VERMAGIC",
         "MS_RDONLY", "MS_NOSUID", "MS_NODEV", "MS_NOEXEC", "MS_REMOUNT", "MS_BIND", "MS_MOVE", "MS_REC",
         "MNT_FORCE", "MNT_DETACH",
-        "IFNAMSIZ", "IFF_UP", "IFF_RUNNING", "IFF_LOOPBACK", "ARPHRD_ETHER", "ARPHRD_LOOPBACK",
+        "IFNAMSIZ", "IFF_UP", "IFF_BROADCAST", "IFF_RUNNING", "IFF_LOOPBACK", "ARPHRD_ETHER", "ARPHRD_LOOPBACK",
     }
 )
 
@@ -399,6 +376,26 @@ def hardware_address(sock: FD, ifname: str) -> tuple[int, bytes]:
     if lib.na_if_get_hwaddr(sock, c_name, family, data) != 0:
         raise _fail_what(f"SIOCGIFHWADDR {ifname}")
     return int(family[0]), bytes(ffi.buffer(data))
+
+
+def _get_ipv4(call, request: str, sock: FD, ifname: str) -> str:
+    ffi, sock = _linux.ffi, _fileno(sock)
+    c_name = _ifname(ifname)
+    out = ffi.new("unsigned char[4]")
+    if call(sock, c_name, out) != 0:
+        raise _fail_what(f"{request} {ifname}")
+    return str(ipaddress.IPv4Address(bytes(ffi.buffer(out))))
+
+
+def ipv4_address(sock: FD, ifname: str) -> str:
+    """SIOCGIFADDR: the interface's (primary) IPv4 address, dotted quad.  LinuxError(EADDRNOTAVAIL) when it has
+    none, ENODEV when there is no such interface."""
+    return _get_ipv4(_lib().na_if_get_addr, "SIOCGIFADDR", sock, ifname)
+
+
+def ipv4_broadcast(sock: FD, ifname: str) -> str:
+    """SIOCGIFBRDADDR: the broadcast address of the interface's IPv4 address (meaningful with IFF_BROADCAST)."""
+    return _get_ipv4(_lib().na_if_get_broadaddr, "SIOCGIFBRDADDR", sock, ifname)
 
 
 def set_ipv4_address(sock: FD, ifname: str, addr: str) -> None:

@@ -1,5 +1,5 @@
-"""Network interfaces of the boot environment: list them, read MACs, and configure the boot interface (address,
-netmask, up, default route) without iproute2, through the classic ioctls in agent.linux.
+"""Network interfaces of the boot environment: list them, read MACs and IPv4 addresses, and configure the boot
+interface (address, netmask, up, default route) without iproute2, through the classic ioctls in agent.linux.
 
 Everything acts on the network namespace of the calling process.  Interfaces are listed with if_nameindex(3)
 (netlink), not /sys/class/net, which shows the namespace of whoever mounted sysfs.
@@ -11,6 +11,7 @@ import contextlib
 import errno
 import socket
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from . import linux
 from .errors import LinuxError, NodeagentError
@@ -33,9 +34,35 @@ def _no_such(name: str, err: LinuxError) -> NodeagentError:
     return err
 
 
-def interfaces() -> list[str]:
+def interface_names() -> list[str]:
     """Names of all network interfaces (lo included), sorted."""
     return sorted(name for _, name in socket.if_nameindex())
+
+
+@dataclass(frozen=True)
+class IPv4Interface:
+    """An interface with an IPv4 address: its primary address, IFF_* flags and broadcast address (None without
+    IFF_BROADCAST)."""
+
+    name: str
+    addr: str
+    flags: int
+    broadcast: str | None
+
+
+def ipv4_interfaces() -> list[IPv4Interface]:
+    """Every interface that has an IPv4 address (SIOCGIFADDR, SIOCGIFFLAGS, SIOCGIFBRDADDR), sorted by name."""
+    found = []
+    with _ioctl_socket() as sock:
+        for name in interface_names():
+            try:
+                addr = linux.ipv4_address(sock, name)
+                flags = linux.interface_flags(sock, name)
+                bcast = linux.ipv4_broadcast(sock, name) if flags & linux.IFF_BROADCAST else None
+            except (LinuxError, ValueError):
+                continue  # no IPv4 address, gone since it was listed, or a name the ioctls cannot carry
+            found.append(IPv4Interface(name, addr, flags, bcast))
+    return found
 
 
 def _format_mac(data: bytes) -> str:
@@ -67,7 +94,7 @@ def macs(name: str | None = None) -> list[tuple[str, str]]:
         return [(name, get_mac(name))]
     result = []
     with _ioctl_socket() as sock:
-        for ifname in interfaces():
+        for ifname in interface_names():
             try:
                 family, data = linux.hardware_address(sock, ifname)
             except LinuxError as err:

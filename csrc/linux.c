@@ -15,15 +15,6 @@ int na_blk_getsize64(int fd, uint64_t *size_out)
     return 0;
 }
 
-int na_blk_sszget(int fd, int *size_out)
-{
-    int size = 0;
-    if (ioctl(fd, BLKSSZGET, &size) != 0)
-        return -1;
-    *size_out = size;
-    return 0;
-}
-
 int na_blk_flsbuf(int fd)
 {
     return ioctl(fd, BLKFLSBUF, 0) == 0 ? 0 : -1;
@@ -32,12 +23,6 @@ int na_blk_flsbuf(int fd)
 int na_blk_rrpart(int fd)
 {
     return ioctl(fd, BLKRRPART, 0) == 0 ? 0 : -1;
-}
-
-int na_blk_discard(int fd, uint64_t offset, uint64_t length)
-{
-    uint64_t range[2] = { offset, length };
-    return ioctl(fd, BLKDISCARD, range) == 0 ? 0 : -1;
 }
 
 int na_blk_zeroout(int fd, uint64_t offset, uint64_t length)
@@ -148,6 +133,34 @@ int na_if_get_hwaddr(int sock, const char *ifname, unsigned short *family_out,
     *family_out = ifr.ifr_hwaddr.sa_family;
     memcpy(data_out, ifr.ifr_hwaddr.sa_data, 14);
     return 0;
+}
+
+/* The IPv4 address an interface ioctl answers with (the union member is the
+ * same struct sockaddr for every SIOCGIF*ADDR request). */
+static int if_get_sockaddr(int sock, const char *ifname, unsigned long request,
+                           unsigned char addr_out[4])
+{
+    struct ifreq ifr;
+    struct sockaddr_in sin;
+    if (fill_ifreq(&ifr, ifname) != 0 || ioctl(sock, request, &ifr) != 0)
+        return -1;
+    memcpy(&sin, &ifr.ifr_addr, sizeof sin);
+    if (sin.sin_family != AF_INET) {
+        errno = EAFNOSUPPORT;
+        return -1;
+    }
+    memcpy(addr_out, &sin.sin_addr, 4);
+    return 0;
+}
+
+int na_if_get_addr(int sock, const char *ifname, unsigned char addr_out[4])
+{
+    return if_get_sockaddr(sock, ifname, SIOCGIFADDR, addr_out);
+}
+
+int na_if_get_broadaddr(int sock, const char *ifname, unsigned char addr_out[4])
+{
+    return if_get_sockaddr(sock, ifname, SIOCGIFBRDADDR, addr_out);
 }
 
 static int if_set_sockaddr(int sock, const char *ifname, unsigned long request,

@@ -25,7 +25,7 @@
 #include <stdint.h>
 #include <fcntl.h>          /* fallocate() */
 #include <sys/ioctl.h>
-#include <linux/fs.h>       /* BLKGETSIZE64, BLKSSZGET, BLKFLSBUF, BLKRRPART, BLKDISCARD, BLKZEROOUT */
+#include <linux/fs.h>       /* BLKGETSIZE64, BLKFLSBUF, BLKRRPART, BLKZEROOUT */
 #include <linux/falloc.h>   /* FALLOC_FL_PUNCH_HOLE, FALLOC_FL_KEEP_SIZE, ... */
 #include <malloc.h>         /* mallopt */
 #include <stddef.h>
@@ -46,17 +46,11 @@
 /* BLKGETSIZE64: size of the block device in bytes. */
 int na_blk_getsize64(int fd, uint64_t *size_out);
 
-/* BLKSSZGET: logical sector size in bytes. */
-int na_blk_sszget(int fd, int *size_out);
-
 /* BLKFLSBUF: flush and invalidate the device's buffer cache. */
 int na_blk_flsbuf(int fd);
 
 /* BLKRRPART: have the kernel re-read the partition table. */
 int na_blk_rrpart(int fd);
-
-/* BLKDISCARD on [offset, offset + length). */
-int na_blk_discard(int fd, uint64_t offset, uint64_t length);
 
 /* BLKZEROOUT on [offset, offset + length): the range reads back as zeros. */
 int na_blk_zeroout(int fd, uint64_t offset, uint64_t length);
@@ -122,6 +116,11 @@ int na_sync(void);
  * hardware address (sa_data; an Ethernet MAC is the first 6). */
 int na_if_get_hwaddr(int sock, const char *ifname, unsigned short *family_out,
                      unsigned char data_out[14]);
+
+/* SIOCGIFADDR / SIOCGIFBRDADDR: the interface's (primary) IPv4 address or its
+ * broadcast address, 4 bytes in network order.  EADDRNOTAVAIL: it has none. */
+int na_if_get_addr(int sock, const char *ifname, unsigned char addr_out[4]);
+int na_if_get_broadaddr(int sock, const char *ifname, unsigned char addr_out[4]);
 
 /* SIOCSIFADDR: set the interface's IPv4 address. */
 int na_if_set_addr(int sock, const char *ifname, const char *ipv4);

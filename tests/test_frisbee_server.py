@@ -20,8 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.errors import NodeagentError, SourceError
-from agent.frisbee import net
-from agent.frisbee.net import AddressInUse, Interface, accept_source, mode_of, open_endpoint, subnet_broadcast
+from agent.frisbee.net import AddressInUse, accept_source, mode_of, open_endpoint, subnet_broadcast
 from agent.frisbee.packets import (
     BLOCK_SIZE,
     CHUNK_BYTES,
@@ -43,6 +42,7 @@ from agent.frisbee.packets import (
 )
 from agent.frisbee.serve import serve
 from agent.frisbee.server import CATCHUP, WIRE_BITS_PER_BLOCK, Pacing, Server
+from agent.netif import IPv4Interface, ipv4_interfaces
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures" / "imagezip"
@@ -385,14 +385,14 @@ def test_mode_by_address():
 
 def test_subnet_broadcast_choice():
     found = [
-        Interface("lo", "127.0.0.1", 0x1 | 0x8, None),
-        Interface("eth0", "10.1.2.3", 0x1 | 0x2, "10.1.2.255"),
-        Interface("eth1", "10.9.0.1", 0x2, "10.9.255.255"),  # down
+        IPv4Interface("lo", "127.0.0.1", 0x1 | 0x8, None),
+        IPv4Interface("eth0", "10.1.2.3", 0x1 | 0x2, "10.1.2.255"),
+        IPv4Interface("eth1", "10.9.0.1", 0x2, "10.9.255.255"),  # down
     ]
     assert subnet_broadcast("10.1.2.3", found) == "10.1.2.255"
     assert subnet_broadcast("10.9.0.1", found) is None
     assert subnet_broadcast("127.0.0.1", found) is None
-    assert any(i.name == "lo" and i.addr == "127.0.0.1" and i.broadcast is None for i in net.interfaces())
+    assert any(i.name == "lo" and i.addr == "127.0.0.1" and i.broadcast is None for i in ipv4_interfaces())
 
 
 # --- the shell on loopback -----------------------------------------------------------------------------------------

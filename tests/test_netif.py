@@ -143,6 +143,33 @@ def test_default_route_with_interface_and_metric(ns):
     ]
 
 
+def test_ipv4_interfaces(ns):
+    """Only interfaces with an IPv4 address, with their flags and broadcast address (SIOCGIFADDR/FLAGS/BRDADDR)."""
+    ip("-n", ns, "addr", "add", "10.96.1.2/16", "broadcast", "10.96.255.255", "dev", "v0")
+    ip("-n", ns, "link", "set", "v0", "up")
+    ip("-n", ns, "link", "set", "lo", "up")
+    out = py_in_ns(
+        ns,
+        """
+        import errno, socket
+        from agent import netif, linux
+        from agent.errors import LinuxError
+        for i in netif.ipv4_interfaces():
+            print(i.name, i.addr, i.broadcast, bool(i.flags & linux.IFF_UP), bool(i.flags & linux.IFF_BROADCAST))
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            for name in ("v1", "eth9"):
+                try:
+                    linux.ipv4_address(s, name)
+                except LinuxError as err:
+                    print(name, errno.errorcode[err.errno], err)
+        """,
+    ).splitlines()
+    assert out[:2] == ["lo 127.0.0.1 None True False", "v0 10.96.1.2 10.96.255.255 True True"]
+    assert out[2].startswith("v1 EADDRNOTAVAIL SIOCGIFADDR v1: ")
+    assert out[3].startswith("eth9 ENODEV SIOCGIFADDR eth9: ")
+    assert len(out) == 4
+
+
 def test_set_down(ns):
     ip("-n", ns, "link", "set", "v0", "up")
     py_in_ns(ns, "from agent import netif; netif.set_up('v0', False); assert not netif.is_up('v0')")

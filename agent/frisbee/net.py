@@ -10,16 +10,16 @@ directions.
 from __future__ import annotations
 
 import errno
-import fcntl
 import ipaddress
 import select
 import socket
-import struct
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
+from .. import linux
 from ..errors import NodeagentError
+from ..netif import IPv4Interface, ipv4_interfaces
 from .packets import Block, Message, Progress
 
 MCAST_TTL = 5
@@ -29,8 +29,6 @@ RECV_SIZE = 2048  # more than a Packet_t (1080): longer datagrams are cut, and d
 
 _IP_RECVERR = 11  # Linux <linux/in.h>; not exported by the socket module
 _SO_SNDBUFFORCE, _SO_RCVBUFFORCE = 32, 33
-_SIOCGIFFLAGS, _SIOCGIFADDR, _SIOCGIFBRDADDR = 0x8913, 0x8915, 0x8919
-_IFF_UP, _IFF_BROADCAST = 0x1, 0x2
 # ICMP errors a peer's absence reports through IP_RECVERR: the datagram is lost, the session goes on.
 _PEER_ERRORS = {errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENONET}
 
@@ -75,36 +73,11 @@ def accept_source(
 # --- interfaces -------------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Interface:
-    name: str
-    addr: str
-    flags: int
-    broadcast: str | None
-
-
-def interfaces() -> list[Interface]:
-    """IPv4 interfaces with their primary address (SIOCGIFADDR), flags and broadcast address."""
-    out = []
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        for _, name in socket.if_nameindex():
-            req = struct.pack("16s16x", name.encode()[:15])
-            try:
-                addr = socket.inet_ntoa(fcntl.ioctl(s, _SIOCGIFADDR, req)[20:24])
-                flags = struct.unpack_from("<H", fcntl.ioctl(s, _SIOCGIFFLAGS, req), 16)[0]
-                bcast = None
-                if flags & _IFF_BROADCAST:
-                    bcast = socket.inet_ntoa(fcntl.ioctl(s, _SIOCGIFBRDADDR, req)[20:24])
-            except OSError:
-                continue  # no IPv4 address on it
-            out.append(Interface(name, addr, flags, bcast))
-    return out
-
-
-def subnet_broadcast(ifaddr: str, found: list[Interface] | None = None) -> str | None:
+def subnet_broadcast(ifaddr: str, found: list[IPv4Interface] | None = None) -> str | None:
     """The broadcast address of the up, broadcast-capable interface holding ifaddr (frisbee's GetBcastAddr)."""
-    for itf in interfaces() if found is None else found:
-        if itf.addr == ifaddr and itf.flags & (_IFF_UP | _IFF_BROADCAST) == _IFF_UP | _IFF_BROADCAST:
+    wanted = linux.IFF_UP | linux.IFF_BROADCAST
+    for itf in ipv4_interfaces() if found is None else found:
+        if itf.addr == ifaddr and itf.flags & wanted == wanted:
             return itf.broadcast
     return None
 
