@@ -11,66 +11,29 @@ import os
 import stat
 import sys
 
-from .. import linux
+from .. import linux, linux_files
 from ..errors import LinuxError, TargetError
 
 ZERO_BLOCK = bytes(1 << 20)
 
 
-def _sysfs_dev(rdev: int) -> str:
-    return f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}"
-
-
-def _related_devices(rdev: int) -> set[tuple[int, int]]:
-    """The device and its partitions, as (major, minor)."""
-    found = {(os.major(rdev), os.minor(rdev))}
-    base = _sysfs_dev(rdev)
-    try:
-        entries = os.listdir(base)
-    except OSError:
-        return found
-    for entry in entries:
-        try:
-            with open(f"{base}/{entry}/dev") as f:
-                major, minor = f.read().strip().split(":")
-            found.add((int(major), int(minor)))
-        except (OSError, ValueError):
-            continue
-    return found
-
-
 def busy_reason(path: str, rdev: int) -> str | None:
     """Why a block device is in use (mounted, swap, held by md/dm), or None."""
-    devices = _related_devices(rdev)
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                fields = line.split()
-                major, minor = fields[2].split(":")
-                if (int(major), int(minor)) in devices:
-                    return f"mounted on {fields[4]}"
-    except OSError:
-        pass
-    try:
-        with open("/proc/swaps") as f:
-            next(f, None)
-            for line in f:
-                swap = line.split()[0]
-                try:
-                    st = os.stat(swap)
-                except OSError:
-                    continue
-                if stat.S_ISBLK(st.st_mode) and (os.major(st.st_rdev), os.minor(st.st_rdev)) in devices:
-                    return f"in use as swap ({swap})"
-    except OSError:
-        pass
-    for major, minor in devices:
+    devices = linux_files.block_device_and_partitions(os.major(rdev), os.minor(rdev))
+    for mount in linux_files.read_mountinfo():
+        if (mount.major, mount.minor) in devices:
+            return f"mounted on {mount.mount_point}"
+    for swap in linux_files.read_swaps():
         try:
-            holders = os.listdir(f"/sys/dev/block/{major}:{minor}/holders")
+            st = os.stat(swap.path)
         except OSError:
             continue
+        if stat.S_ISBLK(st.st_mode) and (os.major(st.st_rdev), os.minor(st.st_rdev)) in devices:
+            return f"in use as swap ({swap.path})"
+    for major, minor in devices:
+        holders = linux_files.block_holders(major, minor)
         if holders:
-            return f"held by {', '.join(sorted(holders))}"
+            return f"held by {', '.join(holders)}"
     return None
 
 
