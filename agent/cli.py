@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from . import __version__
-from .errors import NodeagentError
+from .errors import NodeagentError, UsageError
 
 MiB = 1 << 20
 
@@ -126,23 +126,7 @@ def _getmac(args) -> int:
     return 0
 
 
-def _reuse_cmdline(path: str = "/proc/cmdline") -> str:
-    """The running kernel's command line without what only its boot loader meant (BOOT_IMAGE=, initrd=)."""
-    try:
-        with open(path) as f:
-            words = f.read().split()
-    except OSError as err:
-        raise NodeagentError(f"--reuse-cmdline: cannot read {path}: {err.strerror}") from None
-    return " ".join(w for w in words if not w.startswith(("BOOT_IMAGE=", "initrd=")))
-
-
-def kexec_cmdline(args) -> str:
-    parts = []
-    if args.reuse_cmdline:
-        parts.append(_reuse_cmdline())
-    if args.append is not None:
-        parts.append(args.append)
-    return " ".join(p for p in parts if p)
+KEXEC_MODES = {"s": "file", "c": "load", "a": "auto"}  # kexec-tools' -s, -c, -a
 
 
 def _kexec(args) -> int:
@@ -153,35 +137,26 @@ def _kexec(args) -> int:
 
     actions = [a for a in (args.load, args.disk) if a is not None]
     if len(actions) > 1:
-        raise NodeagentError("give either -l KERNEL or --disk DEVICE, not both")
+        raise UsageError("give either -l KERNEL or --disk DEVICE, not both")
     if not actions and not args.exec and not args.unload:
-        raise NodeagentError("nothing to do: give -l KERNEL, --disk DEVICE, -e or -u")
+        raise UsageError("nothing to do: give -l KERNEL, --disk DEVICE, -e or -u")
     if args.unload and (actions or args.exec):
-        raise NodeagentError("-u unloads: give it alone")
+        raise UsageError("-u unloads: give it alone")
+    if args.disk is not None and args.initrd is not None:
+        raise UsageError("--initrd goes with -l KERNEL; --disk finds the initrd itself")
     if args.unload:
         load.unload()
         say("unloaded")
         return 0
     if actions:
-        kernel, initrd, cmdline = args.load, args.initrd, kexec_cmdline(args)
+        kernel, initrd = args.load, args.initrd
+        cmdline = load.kexec_cmdline(args.append, args.reuse_cmdline)
         if args.disk is not None:
-            if args.initrd is not None:
-                raise NodeagentError("--initrd goes with -l KERNEL; --disk finds the initrd itself")
             kernel, initrd, found_cmdline, what = load.find_on_disk(args.disk)
             say(f"found {what}")
             if args.append is None and not args.reuse_cmdline:
                 cmdline = found_cmdline
-        if args.syscall == "c":
-            how = load.load_legacy(kernel, initrd, cmdline)
-        else:
-            try:
-                how = load.load_file(kernel, initrd, cmdline)
-            except load.KexecFileRefused as err:
-                if args.syscall != "a":
-                    raise
-                say(f"kexec_file_load refused ({err}); falling back to kexec_load")
-                how = load.load_legacy(kernel, initrd, cmdline)
-        say(f"{kernel}: {how}")
+        load.load_kernel(kernel, initrd, cmdline, KEXEC_MODES[args.syscall], report=say)
     if args.exec:
         say("starting the loaded kernel")
         load.execute()

@@ -1,6 +1,6 @@
-"""agent.kexec.loader (the kexec_load layout) and load_legacy, on the host: placement inside RAM without overlaps,
-the zero page fields at their documented offsets, the purgatory's patched digests, the purgatory build itself.
-Nothing here calls kexec_load: load_legacy gets a recording stand-in for agent.linux."""
+"""agent.kexec.loader (the kexec_load layout) and load_kernel's kexec_load mode, on the host: placement inside RAM
+without overlaps, the zero page fields at their documented offsets, the purgatory's patched digests, the purgatory
+build itself. Nothing here calls kexec_load: load_kernel gets a recording stand-in for agent.linux."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import pytest
 from test_bzimage import make_bzimage
 from test_kexec_load import QEMU_512M, memmap
 
-from agent import cli
+from agent.errors import KexecError
 from agent.kexec import load, loader
-from agent.kexec.bzimage import parse_bzimage
-from agent.kexec.load import KexecError, load_legacy
+from agent.kexec.bzimage import BzImageError, parse_bzimage
+from agent.kexec.load import load_kernel
 from agent.kexec.loader import E820_RAM, E820Entry, LoaderError, build_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,12 +31,13 @@ FAKE_PURGATORY = b"\xfa\xfc" + b"\x90" * 100 + loader.PURGATORY_MAGIC + bytes(24
 @pytest.fixture(scope="session")
 def purgatory_bin() -> bytes:
     subprocess.run([sys.executable, str(ROOT / "build.py"), "purgatory"], check=True, capture_output=True)
-    return loader.load_purgatory()
+    return load.read_purgatory()
 
 
 def _image(e820=E820_QEMU, initrd=b"R" * 300000, cmdline="console=ttyS0 x=1", purgatory=FAKE_PURGATORY, **kw):
     data = make_bzimage(**kw)
-    return data, build_image(data, parse_bzimage(data), initrd, cmdline, e820, purgatory)
+    bz = parse_bzimage(data)
+    return data, build_image(data, bz, initrd, bz.check_cmdline(cmdline), e820, purgatory)
 
 
 def _check_layout(image, e820):
@@ -101,8 +102,13 @@ def test_layout_refusals(e820, initrd, message):
 
 
 def test_cmdline_too_long():
-    with pytest.raises(LoaderError, match="at most 10"):
+    with pytest.raises(BzImageError, match="at most 10"):
         _image(cmdline="x" * 11, cmdline_size=10)
+    with pytest.raises(BzImageError, match="NUL"):
+        _image(cmdline="a\0b")
+    with pytest.raises(LoaderError, match="not NUL-terminated"):  # build_image takes only what check_cmdline gives
+        data = make_bzimage()
+        build_image(data, parse_bzimage(data), None, b"x", E820_QEMU, FAKE_PURGATORY)
 
 
 def test_zero_page_fields():
@@ -200,7 +206,7 @@ int main(int c, char **v) { unsigned long n = strtoul(v[1], 0, 10), i; unsigned 
         assert out == hashlib.sha256(bytes((i * 7 + 3) & 255 for i in range(n))).hexdigest(), n
 
 
-# -- load_legacy and the CLI ------------------------------------------------------------------------------------
+# -- load_kernel in kexec_load mode ---------------------------------------------------------------------------
 
 
 class FakeLinux:
@@ -213,6 +219,9 @@ class FakeLinux:
     def __init__(self):
         self.calls = []
 
+    def kexec_file_load(self, *args):
+        pytest.fail("mode 'load' (-c) must not use kexec_file_load")
+
     def kexec_load(self, entry, segments, flags):
         self.calls.append((entry, list(segments), flags))
 
@@ -223,8 +232,8 @@ def test_load_legacy(tmp_path, purgatory_bin):
     r = tmp_path / "initrd"
     r.write_bytes(b"I" * 5000)
     fake = FakeLinux()
-    mm = memmap(tmp_path, QEMU_512M)
-    assert load_legacy(str(k), str(r), "quiet", memmap=mm, linux=fake) == "loaded with kexec_load"
+    root = memmap(tmp_path / "root", QEMU_512M)
+    assert load_kernel(str(k), str(r), "quiet", "load", root=root, linux=fake) == "kexec_load"
     (entry, segs, flags), = fake.calls
     assert flags == 0 and len(segs) == 4
     purg = next(s for s in segs if s[1] == entry)
@@ -233,26 +242,21 @@ def test_load_legacy(tmp_path, purgatory_bin):
 
 def test_load_legacy_refuses_before_the_syscall(tmp_path):
     fake = FakeLinux()
-    mm = memmap(tmp_path, QEMU_512M)
+    root = memmap(tmp_path / "root", QEMU_512M)
     with pytest.raises(KexecError, match="not a bzImage"):
-        load_legacy("/etc/passwd", memmap=mm, linux=fake)
+        load_kernel("/etc/passwd", mode="load", root=root, linux=fake)
     k = tmp_path / "vmlinuz"
     k.write_bytes(make_bzimage())
     with pytest.raises(KexecError, match="no purgatory"):
-        load_legacy(str(k), memmap=mm, purgatory=str(tmp_path / "none.bin"), linux=fake)
+        load_kernel(str(k), mode="load", root=root, purgatory=str(tmp_path / "none.bin"), linux=fake)
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"\x90" * 4096)
+    with pytest.raises(KexecError, match="parameter block"):
+        load_kernel(str(k), mode="load", root=root, purgatory=str(junk), linux=fake)
     small = memmap(tmp_path / "small", [(0x100000, 0x17FFFFF, "System RAM")])
     with pytest.raises(KexecError, match="does not fit"):
-        load_legacy(str(k), memmap=small, ranges=[(0x100000, 0x1800000)], linux=fake)
+        load_kernel(str(k), mode="load", root=small, linux=fake)
     assert fake.calls == []
-
-
-def test_cli_c_uses_kexec_load(monkeypatch, capsys):
-    calls = []
-    monkeypatch.setattr(load, "load_legacy", lambda k, i, c: calls.append((k, i, c)) or "loaded with kexec_load")
-    monkeypatch.setattr(load, "load_file", lambda *a: pytest.fail("-c must not use kexec_file_load"))
-    assert cli.main(["kexec", "-c", "-l", "/k", "--initrd", "/i", "--append", "a=1"]) == 0
-    assert calls == [("/k", "/i", "a=1")]
-    assert capsys.readouterr().out == "nodeagent kexec: /k: loaded with kexec_load\n"
 
 
 def test_unload_falls_back_to_kexec_load_without_kexec_file():

@@ -14,7 +14,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from ..errors import NodeagentError
+from ..errors import KexecError
 
 SECTOR = 512
 BOOT_FLAG = 0xAA55
@@ -91,7 +91,7 @@ assert HEADER_END_212 == 0x268
 OFF_KERNEL_INFO = 0x268  # 2.15+: kernel_info_offset (4 bytes)
 
 
-class BzImageError(NodeagentError):
+class BzImageError(KexecError):
     """A kernel file is not a bzImage we can kexec (bad magic, too old, 32-bit only, truncated)."""
 
 
@@ -160,6 +160,16 @@ class BzImage:
     @property
     def efi_kexec(self) -> bool:
         return bool(self.xloadflags & XLF_EFI_KEXEC)
+
+    def check_cmdline(self, cmdline: str) -> bytes:
+        """The command line as the NUL-terminated bytes the kernel gets; BzImageError if it holds a NUL or is longer
+        than this kernel takes (cmdline_size)."""
+        raw = cmdline.encode("utf-8", "surrogateescape")
+        if b"\0" in raw:
+            raise BzImageError("the command line holds a NUL byte")
+        if self.cmdline_size and len(raw) > self.cmdline_size:
+            raise BzImageError(f"command line is {len(raw)} bytes, the kernel takes at most {self.cmdline_size}")
+        return raw + b"\0"
 
     def kernel(self, data: bytes) -> memoryview:
         """The protected-mode kernel out of the file `data` this header was parsed from (no copy)."""

@@ -1,13 +1,15 @@
-"""Load a kernel for kexec and start it: the thin shell around agent.linux's syscalls.
+"""Load a kernel for kexec and start it: the policy (which system call, the fallback) and the thin shell around
+agent.linux's syscalls. The CLI, the init, `pivot` and the shell all call these.
 
-    load_file(kernel, initrd=None, cmdline="")  -> "loaded with kexec_file_load"   (checks everything first)
-    load_legacy(kernel, initrd=None, cmdline="") -> "loaded with kexec_load"  (our own layout and purgatory: loader)
-    unload()                                     unload what is loaded
-    execute()                                    sync, then reboot(LINUX_REBOOT_CMD_KEXEC); returns only on error
-    find_on_disk(device)                         -> (kernel file, initrd file or None, cmdline, what was found)
+    load_kernel(kernel, initrd, cmdline, mode, report)  -> the syscall used: "kexec_file_load" or "kexec_load"
+    kexec_cmdline(append, reuse)                        the new kernel's command line (kexec-tools' --reuse-cmdline)
+    unload()                                            unload what is loaded
+    execute()                                           sync, then reboot(LINUX_REBOOT_CMD_KEXEC); returns only on error
+    find_on_disk(device)                                -> (kernel file, initrd file or None, cmdline, what was found)
 
-Every refusal we can foresee (missing or unreadable file, not a bzImage, kernel + initrd larger than RAM) is a
-one-line KexecError raised before any system call.
+Every refusal we can foresee (missing or unreadable file, not a bzImage, a command line the kernel does not take,
+kernel + initrd larger than RAM) is a one-line KexecError raised before any system call. The kernel and initrd are
+opened and the kernel read and checked once, whichever syscalls are tried.
 """
 
 from __future__ import annotations
@@ -19,18 +21,19 @@ import stat
 import struct
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import BinaryIO, Literal
 
-from ..errors import LinuxError, NodeagentError
+from .. import linux_files, resources
+from ..errors import KexecError, LinuxError, NodeagentError
 from . import loader
 from .bootcfg import RootFs, find_boot_entry
-from .bzimage import BzImageError, fits_in_memory, parse_bzimage
+from .bzimage import BzImage, BzImageError, fits_in_memory, parse_bzimage
 
-MEMMAP = "/sys/firmware/memmap"
-IOMEM = "/proc/iomem"
-
-
-class KexecError(NodeagentError):
-    """A kernel cannot be loaded or started (refused before the syscall, or the kernel said no)."""
+Mode = Literal["file", "load", "auto"]
+MODES = ("file", "load", "auto")  # kexec-tools' -s, -c, -a
+PURGATORY_RESOURCE = "kexec/purgatory.bin"  # carried by the agent (agent.resources): built from csrc/purgatory
+BOOT_LOADER_WORDS = ("BOOT_IMAGE=", "initrd=")  # what only the running kernel's boot loader meant
 
 
 class KexecFileRefused(KexecError):
@@ -44,154 +47,172 @@ class KexecFileRefused(KexecError):
 # -- memory ---------------------------------------------------------------------------------------------------
 
 
-def ram_ranges(memmap: str = MEMMAP, iomem: str = IOMEM) -> list[tuple[int, int]]:
+def ram_ranges(root: str = "/") -> list[tuple[int, int]]:
     """Usable RAM as half-open [start, end) byte ranges: the firmware map's "System RAM" entries, or /proc/iomem's
     top-level "System RAM" lines when there is no /sys/firmware/memmap. Empty if neither can be read."""
-    ranges = []
-    try:
-        names = sorted(os.listdir(memmap), key=lambda n: int(n) if n.isdigit() else -1)
-    except OSError:
-        names = []
-    for name in names:
-        d = os.path.join(memmap, name)
-        try:
-            with open(os.path.join(d, "type")) as f:
-                kind = f.read().strip()
-            if kind != "System RAM":
-                continue
-            with open(os.path.join(d, "start")) as f:
-                start = int(f.read().strip(), 16)
-            with open(os.path.join(d, "end")) as f:
-                end = int(f.read().strip(), 16) + 1  # inclusive in sysfs
-        except (OSError, ValueError):
-            continue
-        ranges.append((start, end))
+    ranges = [(r.start, r.end) for r in linux_files.read_firmware_memmap(root) if r.type == "System RAM"]
     if ranges:
         return ranges
-    try:
-        with open(iomem) as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return []
-    for line in lines:
-        if line.startswith(" "):  # nested resources (Kernel code, ...) are inside System RAM
-            continue
-        span, _, kind = line.partition(" : ")
-        if kind.strip() != "System RAM":
-            continue
-        lo, _, hi = span.partition("-")
-        try:
-            start, end = int(lo, 16), int(hi, 16) + 1
-        except ValueError:
-            continue
-        if end > start and not (start == 0 and end == 1):  # iomem shows zeros to unprivileged readers
-            ranges.append((start, end))
-    return ranges
+    # iomem shows every address as 0 to unprivileged readers: such a range (0-0) says nothing
+    return [(r.start, r.end) for r in linux_files.read_iomem(root)
+            if r.depth == 0 and r.name == "System RAM" and not (r.start == 0 and r.end == 1)]
+
+
+# -- the command line -----------------------------------------------------------------------------------------
+
+
+def kexec_cmdline(append: str | None = None, reuse: bool = False, root: str = "/") -> str:
+    """The new kernel's command line: the running kernel's (reuse; without what only its boot loader meant,
+    BOOT_IMAGE= and initrd=), then `append`."""
+    parts = []
+    if reuse:
+        running = linux_files.read_cmdline(root)
+        if running is None:
+            raise KexecError(f"cannot read the running kernel's command line ({os.path.join(root, 'proc/cmdline')})")
+        parts.append(" ".join(w for w in linux_files.cmdline_words(running) if not w.startswith(BOOT_LOADER_WORDS)))
+    if append is not None:
+        parts.append(append)
+    return " ".join(p for p in parts if p)
 
 
 # -- checks ---------------------------------------------------------------------------------------------------
 
 
-def _read_file(path: str, what: str) -> bytes:
+def _open_regular(path: str, what: str) -> BinaryIO:
+    """Open a file for reading, refusing anything but a regular file. O_NONBLOCK: a FIFO without a writer must not
+    hang the open (it is refused right after)."""
     try:
-        with open(path, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise KexecError(f"{what} {path}: not a regular file")
-            return f.read()
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
         raise KexecError(f"{what} {path}: no such file") from None
-    except IsADirectoryError:
-        raise KexecError(f"{what} {path}: is a directory") from None
     except PermissionError:
         raise KexecError(f"{what} {path}: permission denied") from None
     except OSError as err:
         raise KexecError(f"{what} {path}: cannot read: {err.strerror or err}") from None
-
-
-def check(kernel: str, initrd: str | None = None, cmdline: str = "", ranges=None):
-    """Everything we can check before kexec_file_load: the files, the bzImage header, the command line's
-    length, the room in RAM (`ranges`, default ram_ranges()). Returns the parsed BzImage."""
-    data = _read_file(kernel, "kernel")
     try:
-        bz = parse_bzimage(data)
-    except BzImageError as err:
-        raise KexecError(f"kernel {kernel}: {err}") from None
-    initrd_size = 0
-    if initrd is not None:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise KexecError(f"{what} {path}: is a directory")
+        if not stat.S_ISREG(mode):
+            raise KexecError(f"{what} {path}: not a regular file")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb")
+
+
+def _read_all(f: BinaryIO, path: str, what: str) -> bytes:
+    try:
+        f.seek(0)
+        return f.read()
+    except OSError as err:
+        raise KexecError(f"{what} {path}: cannot read: {err.strerror or err}") from None
+
+
+@dataclass
+class _Checked:
+    """A kernel (and initrd) opened, read and checked once, for whichever syscalls are tried."""
+
+    kernel_path: str
+    kernel: BinaryIO
+    data: bytes
+    bz: BzImage
+    initrd_path: str | None
+    initrd: BinaryIO | None
+    initrd_size: int
+    cmdline: str
+    raw_cmdline: bytes  # NUL-terminated, checked against the kernel's cmdline_size
+
+    def close(self) -> None:
+        for f in (self.kernel, self.initrd):
+            if f is not None:
+                f.close()
+
+
+def _check(kernel: str, initrd: str | None, cmdline: str, root: str) -> _Checked:
+    """Everything we can check before a syscall: the files, the bzImage header, the command line, the room in RAM
+    (the firmware map or /proc/iomem under root; nothing readable: the kernel decides)."""
+    kf = _open_regular(kernel, "kernel")
+    initrd_file = None
+    try:
+        data = _read_all(kf, kernel, "kernel")
         try:
-            st = os.stat(initrd)
-            with open(initrd, "rb"):
-                pass
-        except FileNotFoundError:
-            raise KexecError(f"initrd {initrd}: no such file") from None
-        except PermissionError:
-            raise KexecError(f"initrd {initrd}: permission denied") from None
-        except OSError as err:
-            raise KexecError(f"initrd {initrd}: cannot read: {err.strerror or err}") from None
-        if not os.path.isfile(initrd):
-            raise KexecError(f"initrd {initrd}: not a regular file")
-        initrd_size = st.st_size
-    if "\0" in cmdline:
-        raise KexecError("the command line holds a NUL byte")
-    if bz.cmdline_size and len(cmdline.encode()) > bz.cmdline_size:
-        raise KexecError(f"command line is {len(cmdline.encode())} bytes, the kernel takes at most {bz.cmdline_size}")
-    if ranges is None:
-        ranges = ram_ranges()
-    if ranges:  # nothing readable: let the kernel decide
-        why = fits_in_memory(bz, initrd_size, ranges)
-        if why is not None:
-            total = sum(e - s for s, e in ranges)
-            raise KexecError(f"kernel {kernel} does not fit in {total >> 20} MiB of RAM: {why}")
-    return bz
+            bz = parse_bzimage(data)
+        except BzImageError as err:
+            raise KexecError(f"kernel {kernel}: {err}") from None
+        initrd_size = 0
+        if initrd is not None:
+            initrd_file = _open_regular(initrd, "initrd")
+            initrd_size = os.fstat(initrd_file.fileno()).st_size
+        try:
+            raw_cmdline = bz.check_cmdline(cmdline)
+        except BzImageError as err:
+            raise KexecError(str(err)) from None
+        ranges = ram_ranges(root)
+        if ranges:
+            why = fits_in_memory(bz, initrd_size, ranges)
+            if why is not None:
+                total = sum(e - s for s, e in ranges)
+                raise KexecError(f"kernel {kernel} does not fit in {total >> 20} MiB of RAM: {why}")
+    except BaseException:
+        kf.close()
+        if initrd_file is not None:
+            initrd_file.close()
+        raise
+    return _Checked(kernel, kf, data, bz, initrd, initrd_file, initrd_size, cmdline, raw_cmdline)
+
+
+# -- the purgatory --------------------------------------------------------------------------------------------
+
+
+def read_purgatory(path: str | None = None) -> bytes:
+    """The kexec_load purgatory: the one the agent carries, or the file at ``path``."""
+    if path is None:
+        try:
+            return resources.read_bytes(PURGATORY_RESOURCE)
+        except resources.ResourceMissingError:
+            raise KexecError("no purgatory in this build (build it: python build.py purgatory)") from None
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise KexecError(f"no purgatory at {path}") from None
+    except OSError as err:
+        raise KexecError(f"purgatory {path}: {err.strerror or err}") from None
 
 
 # -- syscalls -------------------------------------------------------------------------------------------------
 
 
-def load_file(kernel: str, initrd: str | None = None, cmdline: str = "", *, ranges=None, linux=None) -> str:
-    """Check, then load with kexec_file_load. Returns "loaded with kexec_file_load". KexecError before the call
-    for what we can see; KexecFileRefused when the kernel refuses."""
-    check(kernel, initrd, cmdline, ranges)
-    if linux is None:
-        from .. import linux
-    with open(kernel, "rb") as kf:
-        initrd_file = open(initrd, "rb") if initrd is not None else None
-        try:
-            linux.kexec_file_load(kf, initrd_file, cmdline)
-        except LinuxError as err:
-            hint = {
-                errno.ENOSYS: " (the running kernel has no CONFIG_KEXEC_FILE)",
-                errno.EPERM: " (needs CAP_SYS_BOOT; under lockdown the kernel must be signed by a trusted key)",
-                errno.EKEYREJECTED: " (signature rejected)",
-                errno.ENOMEM: " (not enough memory)",
-            }.get(err.errno, "")
-            raise KexecFileRefused(f"{err}{hint}", err.errno) from None
-        finally:
-            if initrd_file is not None:
-                initrd_file.close()
-    return "loaded with kexec_file_load"
-
-
-def load_legacy(kernel: str, initrd: str | None = None, cmdline: str = "", *, ranges=None, memmap: str = MEMMAP,
-                purgatory: str | None = None, linux=None) -> str:
-    """Check, lay out the kernel, initrd, boot parameters and purgatory (agent.kexec.loader) in the firmware memory
-    map, then load them with kexec_load. Returns "loaded with kexec_load". Every refusal we can foresee is a
-    KexecError before the call; the kernel's own refusal is a KexecError naming the errno."""
-    bz = check(kernel, initrd, cmdline, ranges)
-    data = _read_file(kernel, "kernel")
-    initrd_data = _read_file(initrd, "initrd") if initrd is not None else None
-    e820 = loader.read_memmap(memmap)
-    if not e820:  # no firmware map: the RAM we know of, as e820 RAM entries
-        e820 = [loader.E820Entry(s, e, loader.E820_RAM) for s, e in (ranges if ranges is not None else ram_ranges())]
-    if not e820:
-        raise KexecError(f"kexec_load needs the memory map: cannot read {memmap} or {IOMEM}")
+def _file_load(k: _Checked, linux) -> None:
+    """kexec_file_load with the descriptors already checked: the kernel reads the files itself."""
     try:
-        blob = loader.load_purgatory(purgatory)
-        image = loader.build_image(data, bz, initrd_data, cmdline, e820, blob)
+        linux.kexec_file_load(k.kernel, k.initrd, k.cmdline)
+    except LinuxError as err:
+        hint = {
+            errno.ENOSYS: " (the running kernel has no CONFIG_KEXEC_FILE)",
+            errno.EPERM: " (needs CAP_SYS_BOOT; under lockdown the kernel must be signed by a trusted key)",
+            errno.EKEYREJECTED: " (signature rejected)",
+            errno.ENOMEM: " (not enough memory)",
+        }.get(err.errno, "")
+        raise KexecFileRefused(f"{err}{hint}", err.errno) from None
+
+
+def _legacy_load(k: _Checked, root: str, purgatory: str | None, linux) -> None:
+    """Lay out the kernel, initrd, boot parameters and purgatory (agent.kexec.loader) in the firmware memory map,
+    then load them with kexec_load."""
+    initrd_data = _read_all(k.initrd, k.initrd_path, "initrd") if k.initrd is not None else None
+    e820 = loader.e820_from_memmap(linux_files.read_firmware_memmap(root))
+    if not e820:  # no firmware map: the RAM we know of, as e820 RAM entries
+        e820 = [loader.E820Entry(s, e, loader.E820_RAM) for s, e in ram_ranges(root)]
+    if not e820:
+        raise KexecError("kexec_load needs the memory map: cannot read /sys/firmware/memmap or /proc/iomem")
+    blob = read_purgatory(purgatory)
+    try:
+        image = loader.build_image(k.data, k.bz, initrd_data, k.raw_cmdline, e820, blob)
     except loader.LoaderError as err:
-        raise KexecError(f"kernel {kernel}: {err}") from None
-    if linux is None:
-        from .. import linux
+        raise KexecError(f"kernel {k.kernel_path}: {err}") from None
     segments = [linux.KexecSegment(s.buf, s.mem, s.memsz) for s in image.segments]
     try:
         linux.kexec_load(image.entry, segments, linux.KEXEC_ARCH_DEFAULT)
@@ -203,7 +224,38 @@ def load_legacy(kernel: str, initrd: str | None = None, cmdline: str = "", *, ra
             errno.EADDRNOTAVAIL: " (a segment is outside the memory the kernel can load into)",
         }.get(err.errno, "")
         raise KexecError(f"{err}{hint}") from None
-    return "loaded with kexec_load"
+
+
+def load_kernel(kernel: str, initrd: str | None = None, cmdline: str = "", mode: Mode = "auto",
+                report: Callable[[str], None] = lambda line: None, *, root: str = "/", purgatory: str | None = None,
+                linux=None) -> str:
+    """Load `kernel` (a bzImage) with `initrd` and `cmdline` for a later execute(). Returns the syscall used.
+
+    mode "file": kexec_file_load (the kernel checks signatures under lockdown); "load": kexec_load with our own
+    layout and purgatory; "auto": kexec_file_load, and kexec_load when the kernel refuses it. `report` gets one
+    line for the fallback and one saying which syscall loaded the kernel. `root` is where /proc and /sys are read
+    (tests point it at a fake tree), `purgatory` a purgatory file instead of the one the agent carries."""
+    if mode not in MODES:
+        raise KexecError(f"unknown kexec mode {mode!r} (one of {', '.join(MODES)})")
+    if linux is None:
+        from .. import linux
+    k = _check(kernel, initrd, cmdline, root)
+    try:
+        used = "kexec_load"
+        if mode != "load":
+            try:
+                _file_load(k, linux)
+                used = "kexec_file_load"
+            except KexecFileRefused as err:
+                if mode == "file":
+                    raise
+                report(f"kexec_file_load refused ({err}); falling back to kexec_load")
+        if used == "kexec_load":
+            _legacy_load(k, root, purgatory, linux)
+    finally:
+        k.close()
+    report(f"{kernel}: loaded with {used}")
+    return used
 
 
 def unload(*, linux=None) -> str:
@@ -221,19 +273,11 @@ def unload(*, linux=None) -> str:
     return "unloaded"
 
 
-def kexec_loaded(path: str = "/sys/kernel/kexec_loaded") -> bool | None:
-    try:
-        with open(path) as f:
-            return f.read().strip() == "1"
-    except OSError:
-        return None
-
-
-def execute(*, linux=None) -> None:
+def execute(*, root: str = "/", linux=None) -> None:
     """sync, then reboot(LINUX_REBOOT_CMD_KEXEC). Returns only by raising KexecError."""
     if linux is None:
         from .. import linux
-    if kexec_loaded() is False:
+    if linux_files.kexec_loaded(root) is False:
         raise KexecError("no kernel loaded (load one with -l first)")
     linux.sync()
     try:
@@ -251,20 +295,9 @@ FSTYPES = ("ext4", "ext3", "ext2", "vfat", "xfs", "btrfs")
 
 
 def _partitions(device: str) -> list[str]:
-    """The partition device nodes of `device` (sysfs order by partition number), or [device] when it has none."""
+    """The partition device nodes of `device` (by partition number, from sysfs), or [device] when it has none."""
     name = os.path.basename(os.path.realpath(device))
-    sysdir = f"/sys/class/block/{name}"
-    parts = []
-    try:
-        for entry in os.listdir(sysdir):
-            try:
-                with open(os.path.join(sysdir, entry, "partition")) as f:
-                    parts.append((int(f.read().strip()), entry))
-            except (OSError, ValueError):
-                continue
-    except OSError:
-        pass
-    nodes = [os.path.join(os.path.dirname(device) or "/dev", e) for _, e in sorted(parts)]
+    nodes = [os.path.join(os.path.dirname(device) or "/dev", e) for e in linux_files.block_partitions(name)]
     return [n for n in nodes if os.path.exists(n)] or [device]
 
 

@@ -14,26 +14,23 @@ page tables that identity-map RAM (the kernel's relocate_kernel). What we give i
   boot-parameter segments against the digests patched into it (halts on a mismatch) and jumps to the kernel's
   64-bit entry (load address + 0x200) with RSI = the zero page. The entry point we pass is its first byte.
 
-Everything is placed inside "System RAM" of the firmware memory map (/sys/firmware/memmap), above 1 MiB, without
-overlaps; the same map becomes the zero page's e820 table.
+Everything is placed inside "System RAM" of the firmware memory map (/sys/firmware/memmap, read by the caller:
+agent.linux_files), above 1 MiB, without overlaps; the same map becomes the zero page's e820 table. The caller also
+hands in the purgatory's bytes and the command line it has checked (BzImage.check_cmdline).
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import struct
 from dataclasses import dataclass
 
-from .. import resources
-from ..errors import NodeagentError
+from ..errors import KexecError
 from .bzimage import CAN_USE_HEAP, KASLR_FLAG, KEEP_SEGMENTS, LOADED_HIGH, OFF_SETUP_SECTS, BzImage
 
 PAGE = 4096
 LOW_LIMIT = 0x100000  # nothing below 1 MiB: real-mode area, BIOS data
 FOUR_G = 1 << 32
-MEMMAP = "/sys/firmware/memmap"
-PURGATORY_NAME = "kexec/purgatory.bin"  # carried by the agent (agent.resources): built from csrc/purgatory
 
 # e820 types (arch/x86/include/uapi/asm/e820.h / the names the kernel gives them in /sys/firmware/memmap)
 E820_RAM, E820_RESERVED, E820_ACPI, E820_NVS, E820_UNUSABLE, E820_PMEM, E820_PRAM = 1, 2, 3, 4, 5, 7, 12
@@ -80,7 +77,7 @@ _P_HEAD = struct.Struct("<8sQQQ")  # magic, entry, zero_page, nregions
 _P_REGION = struct.Struct("<QQ32s")  # start, len, sha256
 
 
-class LoaderError(NodeagentError):
+class LoaderError(KexecError):
     """The kernel, initrd and boot parameters cannot be laid out for kexec_load (no room, bad purgatory...)."""
 
 
@@ -128,27 +125,10 @@ def _page_up(n: int) -> int:
 # -- the memory map -------------------------------------------------------------------------------------------
 
 
-def read_memmap(path: str = MEMMAP) -> list[E820Entry]:
-    """The firmware memory map (/sys/firmware/memmap/N/{start,end,type}, end inclusive) as E820Entry, sorted.
-    Unknown type names become E820_RESERVED. Empty if the directory cannot be read."""
-    try:
-        names = os.listdir(path)
-    except OSError:
-        return []
-    entries = []
-    for name in names:
-        d = os.path.join(path, name)
-        try:
-            with open(os.path.join(d, "start")) as f:
-                start = int(f.read().strip(), 16)
-            with open(os.path.join(d, "end")) as f:
-                end = int(f.read().strip(), 16) + 1
-            with open(os.path.join(d, "type")) as f:
-                kind = MEMMAP_TYPES.get(f.read().strip(), E820_RESERVED)
-        except (OSError, ValueError):
-            continue
-        if end > start:
-            entries.append(E820Entry(start, end, kind))
+def e820_from_memmap(ranges) -> list[E820Entry]:
+    """The firmware memory map (agent.linux_files.MemoryRange: start, exclusive end, the kernel's type name) as
+    E820Entry, sorted; unknown type names become E820_RESERVED."""
+    entries = [E820Entry(r.start, r.end, MEMMAP_TYPES.get(r.type, E820_RESERVED)) for r in ranges if r.end > r.start]
     return sorted(entries, key=lambda e: (e.start, e.end))
 
 
@@ -284,27 +264,6 @@ def zero_page(kernel_data: bytes, *, kernel_addr: int, initrd_addr: int, initrd_
 # -- the purgatory --------------------------------------------------------------------------------------------
 
 
-def load_purgatory(path: str | None = None) -> bytes:
-    """The purgatory blob: the one the agent carries, or the file at ``path``."""
-    if path is None:
-        path = PURGATORY_NAME
-        try:
-            blob = resources.read_bytes(PURGATORY_NAME)
-        except resources.ResourceMissingError:
-            raise LoaderError("no purgatory in this build (build it: python build.py purgatory)") from None
-    else:
-        try:
-            with open(path, "rb") as f:
-                blob = f.read()
-        except FileNotFoundError:
-            raise LoaderError(f"no purgatory at {path}") from None
-        except OSError as err:
-            raise LoaderError(f"purgatory {path}: {err.strerror or err}") from None
-    if blob.count(PURGATORY_MAGIC) != 1:
-        raise LoaderError(f"purgatory {path}: no parameter block (magic {PURGATORY_MAGIC.decode()})")
-    return blob
-
-
 def patch_purgatory(blob: bytes, *, entry: int, zero_page_addr: int,
                     regions: list[tuple[int, bytes | memoryview]]) -> bytes:
     """The purgatory with its parameter block filled: the kernel entry, the zero page (RSI), and for each region
@@ -328,14 +287,12 @@ def patch_purgatory(blob: bytes, *, entry: int, zero_page_addr: int,
 # -- all together ---------------------------------------------------------------------------------------------
 
 
-def build_image(kernel_data: bytes, bz: BzImage, initrd: bytes | None, cmdline: str, e820: list[E820Entry],
+def build_image(kernel_data: bytes, bz: BzImage, initrd: bytes | None, raw_cmdline: bytes, e820: list[E820Entry],
                 purgatory: bytes) -> LegacyImage:
-    """The kexec_load segments and entry point for kernel + initrd + cmdline on a machine with memory map e820."""
-    raw_cmdline = cmdline.encode() + b"\0"
-    if b"\0" in raw_cmdline[:-1]:
-        raise LoaderError("the command line holds a NUL byte")
-    if bz.cmdline_size and len(raw_cmdline) - 1 > bz.cmdline_size:
-        raise LoaderError(f"command line is {len(raw_cmdline) - 1} bytes, the kernel takes at most {bz.cmdline_size}")
+    """The kexec_load segments and entry point for kernel + initrd + command line on a machine with memory map e820.
+    raw_cmdline is what bz.check_cmdline() returned (checked, NUL-terminated); purgatory the blob to patch."""
+    if not raw_cmdline.endswith(b"\0"):
+        raise LoaderError("the command line is not NUL-terminated (pass what BzImage.check_cmdline returns)")
     if not any(e.type == E820_RAM for e in e820):
         raise LoaderError("no System RAM in the memory map")
     initrd = initrd or b""

@@ -34,7 +34,7 @@ echo "nodeagent-init: first kernel $(uname -r)"
 
 nodeagent kexec -l /etc/hostname >/tmp/out 2>&1; rc=$?
 cat /tmp/out
-[ $rc -eq 1 ] || fail "kexec -l /etc/hostname: exit status $rc, not 1"
+[ $rc -eq 12 ] || fail "kexec -l /etc/hostname: exit status $rc, not 12 (kexec)"
 [ "$(grep -c '' /tmp/out)" = 1 ] || fail "kexec -l /etc/hostname: not one line"
 grep -q "not a bzImage" /tmp/out || fail "kexec -l /etc/hostname: unexpected message"
 [ "$(cat /sys/kernel/kexec_loaded)" = 0 ] || fail "something got loaded"
@@ -42,14 +42,14 @@ echo "nodeagent-init: refused /etc/hostname, still up"
 
 nodeagent kexec -e >/tmp/out 2>&1; rc=$?
 cat /tmp/out
-[ $rc -eq 1 ] && grep -q "no kernel loaded" /tmp/out || fail "kexec -e with nothing loaded: exit $rc"
+[ $rc -eq 12 ] && grep -q "no kernel loaded" /tmp/out || fail "kexec -e with nothing loaded: exit $rc"
 nodeagent kexec -c -l /etc/hostname >/tmp/out 2>&1; rc=$?
 cat /tmp/out
-[ $rc -eq 1 ] && grep -q "not a bzImage" /tmp/out || fail "kexec -c -l /etc/hostname: exit $rc"
+[ $rc -eq 12 ] && grep -q "not a bzImage" /tmp/out || fail "kexec -c -l /etc/hostname: exit $rc"
 [ "$(cat /sys/kernel/kexec_loaded)" = 0 ] || fail "something got loaded by -c"
 nodeagent kexec -s -l /big/vmlinuz >/tmp/out 2>&1; rc=$?
 cat /tmp/out
-[ $rc -eq 1 ] || fail "kexec -s -l /big/vmlinuz: exit status $rc, not 1"
+[ $rc -eq 12 ] || fail "kexec -s -l /big/vmlinuz: exit status $rc, not 12 (kexec)"
 [ "$(grep -c '' /tmp/out)" = 1 ] || fail "kexec -s -l /big/vmlinuz: not one line"
 grep -Eqi "memory|RAM" /tmp/out || fail "kexec -s -l /big/vmlinuz: message does not mention memory"
 [ "$(cat /sys/kernel/kexec_loaded)" = 0 ] || fail "something got loaded by -s /big/vmlinuz"
@@ -269,8 +269,8 @@ def tampered(blob, **kw):  # the kernel's digest, one bit off: the purgatory mus
 
 
 loader.patch_purgatory = tampered
-print("nodeagent-init:", load.load_legacy("/second/vmlinuz", "/second/initrd.cpio",
-                                          "console=ttyS0 panic=-1 {mark}"), flush=True)
+print("nodeagent-init: loaded with", load.load_kernel("/second/vmlinuz", "/second/initrd.cpio",
+                                                      "console=ttyS0 panic=-1 {mark}", "load"), flush=True)
 load.execute()
 PY
 fail "python returned with status $?"
