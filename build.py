@@ -281,8 +281,8 @@ NUITKA_NOFOLLOW = [
 # Agent modules carried as bytecode instead of compiled to C (a fifth to a tenth of the size): all but the
 # per-packet frisbee code and the worker pool. Imaging and saving run Python once per 1 MiB chunk or 64 KiB
 # piece, the bytes themselves go through zlib/zstd/pwrite in C, so compiling that code buys nothing measurable.
-NUITKA_BYTECODE = ["agent.cli", "agent.kexec", "agent.fs", "agent.linux", "agent.netif", "agent.demo",
-                   "agent.info", "agent.errors", "agent.resources", "agent._embedded", "agent.progress",
+NUITKA_BYTECODE = ["agent.cli", "agent.kexec", "agent.fs", "agent.linux", "agent.linux_files", "agent.netif",
+                   "agent.demo", "agent.info", "agent.errors", "agent.resources", "agent._embedded", "agent.progress",
                    "agent.ndz.header", "agent.ndz.chunker", "agent.ndz.coverage", "agent.io.target",
                    "agent.io.sources", "agent.io.image", "agent.io.save"]
 EMBEDDED_FILES = ["kexec/purgatory.bin", "demo/demo.ndz", "demo/demo.json"]
