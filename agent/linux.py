@@ -2,7 +2,8 @@
 kernel modules, mounts and the network-interface ioctls of the boot environment.
 
 This is the only module that imports the compiled cffi extension ``agent._linux``
-(C sources in csrc/, built by ``pip install .`` or ``python build.py ext``).  Each
+(C sources in csrc/, built by ``pip install .`` or ``python build.py ext``): every ioctl and every syscall the
+os module lacks goes through here; what /proc and /sys say is parsed next door, in agent.linux_files.  Each
 function takes a file descriptor (an int, or anything with ``fileno()``) and
 raises :class:`agent.errors.LinuxError` carrying the kernel's errno when the call
 fails, e.g. ``LinuxError(EINVAL, "BLKRRPART /dev/loop3")``.  Arguments the kernel
