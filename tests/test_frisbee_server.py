@@ -837,6 +837,8 @@ def test_client_endpoint_against_our_server(mode, tmp_path):
     assert client.returncode == 0, client.stderr
     assert client.stdout.strip() == hashlib.sha256(source.read_bytes()).hexdigest()
     assert "(id 99) joins (v1)" in log and "bad" not in log.split("Exiting:")[0]
+    if mode == "broadcast":  # the subnet broadcast found through SIOCGIFADDR/SIOCGIFBRDADDR on the server's side
+        assert f"Limiting broadcasts using {bcast}" in log
 
 
 @needs_root_netns
