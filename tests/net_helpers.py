@@ -1,25 +1,81 @@
-"""Test hosts in network namespaces: a switch namespace with a bridge, one veth per host, optional packet loss.
+"""Test hosts in network namespaces, the one set of helpers every test and benchmark uses.
 
-Everything stays inside namespaces these helpers create (10.77.0.0/24 on a private bridge); no traffic leaves them.
+`netns()` makes one empty namespace; `lan(n)` makes n hosts on a bridge of their own (10.77.0.0/24, a switch
+namespace in between), optionally with packet loss. Everything stays inside namespaces these helpers create: no
+traffic leaves them. Names carry the process id and a counter, so parallel runs never collide.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import itertools
 import os
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+SUBNET = "10.77.0"  # lan(): host i is SUBNET.(i+1)/24
+BROADCAST = f"{SUBNET}.255"
+_CLONE_NEWNET = 0x40000000
 _ids = itertools.count()
 
 
-def ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True)
+def ip(*args: str) -> str:
+    """Run iproute2's ip; its stdout. Raises CalledProcessError on failure."""
+    return subprocess.run(["ip", *args], check=True, capture_output=True, text=True).stdout
+
+
+@contextlib.contextmanager
+def netns():
+    """A fresh network namespace with only lo (up); yields its name. On exit, whatever still runs in it is killed
+    and it is deleted."""
+    name = f"na{os.getpid()}n{next(_ids)}"
+    ip("netns", "add", name)
+    try:
+        ip("-n", name, "link", "set", "lo", "up")
+        yield name
+    finally:
+        pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), 9)
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+def enter_netns(ns: str) -> None:
+    """Move the calling thread into namespace ns: the sockets it (and threads it starts) creates live there.
+    (Python 3.11 has no os.setns; this is test scaffolding, the agent itself never changes namespace.)"""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(f"/var/run/netns/{ns}", os.O_RDONLY)
+    try:
+        if libc.setns(fd, _CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns {ns}")
+    finally:
+        os.close(fd)
+
+
+def in_netns(ns: str, fn):
+    """fn() on a thread inside namespace ns; its result (or exception) here."""
+    box: dict = {}
+
+    def run():
+        try:
+            enter_netns(ns)
+            box["value"] = fn()
+        except BaseException as err:  # handed to the caller
+            box["error"] = err
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 @dataclass
@@ -34,11 +90,20 @@ class Host:
         exe = os.environ.get("NODEAGENT_BIN")  # the binary under test (conftest exports --nodeagent)
         return self.cmd(*([exe] if exe else [sys.executable, "-m", "agent"]), *args)
 
+    def python(self, code: str) -> list[str]:
+        """argv running Python code in this host, with the source tree and tests/ importable."""
+        return self.cmd(sys.executable, "-c", code)
+
     def popen(self, argv: list[str], **kw) -> subprocess.Popen:
-        return subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+        kw = {"cwd": ROOT, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "env": _env(), **kw}
+        return subprocess.Popen(argv, **kw)
 
     def run(self, argv: list[str], timeout: float = 300, **kw) -> subprocess.CompletedProcess:
-        return subprocess.run(argv, cwd=ROOT, capture_output=True, timeout=timeout, **kw)
+        return subprocess.run(argv, **{"cwd": ROOT, "capture_output": True, "timeout": timeout, "env": _env(), **kw})
+
+    def call(self, fn):
+        """fn() in this process, on a thread inside this host's namespace."""
+        return in_netns(self.ns, fn)
 
     def drop_incoming_udp(self, percent: int, port: int) -> None:
         """Drop `percent`% of UDP datagrams to `port` arriving at this host (nftables numgen, no netem here)."""
@@ -49,35 +114,28 @@ class Host:
         subprocess.run(self.cmd("nft", "-f", "-"), input=rules.encode(), check=True, capture_output=True)
 
 
+def _env() -> dict[str, str]:
+    path = os.pathsep.join(p for p in (str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path}
+
+
 @contextlib.contextmanager
 def lan(count: int):
-    """`count` hosts on one bridge: hosts[i] has 10.77.0.(i+1)/24 and a multicast route."""
-    tag = f"na{os.getpid() % 10000}x{next(_ids)}"
-    switch = f"{tag}sw"
-    hosts: list[Host] = []
-    ip("netns", "add", switch)
-    try:
+    """`count` hosts on one bridge: hosts[i] has SUBNET.(i+1)/24 (broadcast BROADCAST) and a multicast route."""
+    with contextlib.ExitStack() as stack:
+        switch = stack.enter_context(netns())
         ip("-n", switch, "link", "add", "br0", "type", "bridge")
         ip("-n", switch, "link", "set", "br0", "up")
+        hosts: list[Host] = []
         for i in range(count):
-            ns = f"{tag}h{i}"
-            ip("netns", "add", ns)
-            hosts.append(Host(ns, f"10.77.0.{i + 1}"))
-            ip("-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", f"p{i}", "netns", switch)
+            host = Host(stack.enter_context(netns()), f"{SUBNET}.{i + 1}")
+            ip("-n", host.ns, "link", "add", "eth0", "type", "veth", "peer", "name", f"p{i}", "netns", switch)
             ip("-n", switch, "link", "set", f"p{i}", "master", "br0", "up")
-            ip("-n", ns, "addr", "add", f"10.77.0.{i + 1}/24", "dev", "eth0")
-            ip("-n", ns, "link", "set", "eth0", "up")
-            ip("-n", ns, "link", "set", "lo", "up")
-            ip("-n", ns, "route", "add", "224.0.0.0/4", "dev", "eth0")
+            ip("-n", host.ns, "addr", "add", f"{host.addr}/24", "broadcast", BROADCAST, "dev", "eth0")
+            ip("-n", host.ns, "link", "set", "eth0", "up")
+            ip("-n", host.ns, "route", "add", "224.0.0.0/4", "dev", "eth0")
+            hosts.append(host)
         yield hosts
-    finally:
-        for host in hosts:
-            subprocess.run(["ip", "netns", "pids", host.ns], capture_output=True)
-            pids = subprocess.run(["ip", "netns", "pids", host.ns], capture_output=True, text=True).stdout.split()
-            for pid in pids:
-                subprocess.run(["kill", "-9", pid], capture_output=True)
-            subprocess.run(["ip", "netns", "del", host.ns], capture_output=True)
-        subprocess.run(["ip", "netns", "del", switch], capture_output=True)
 
 
 @contextlib.contextmanager

@@ -7,7 +7,6 @@ routes are never touched.  Each namespace holds one veth pair (v0, v1) with fixe
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 import shutil
 import subprocess
@@ -17,33 +16,24 @@ from pathlib import Path
 
 import pytest
 
+from net_helpers import ip, netns
+
 ROOT = Path(__file__).resolve().parent.parent
 MAC0, MAC1 = "02:00:00:aa:bb:cc", "02:00:00:aa:bb:dd"
-_ids = itertools.count()
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("ip") is None, reason="needs root and iproute2 (network namespaces)"
 )
 
 
-def ip(*args: str) -> str:
-    return subprocess.run(["ip", *args], check=True, capture_output=True, text=True).stdout
-
-
 @contextlib.contextmanager
 def veth_namespace():
     """A fresh network namespace with veth pair v0/v1 (MAC0/MAC1, down, no addresses); yields its name."""
-    ns = f"nanetif{os.getpid() % 100000}x{next(_ids)}"
-    ip("netns", "add", ns)
-    try:
+    with netns() as ns:
         ip("-n", ns, "link", "add", "v0", "type", "veth", "peer", "name", "v1")
         ip("-n", ns, "link", "set", "v0", "address", MAC0)
         ip("-n", ns, "link", "set", "v1", "address", MAC1)
         yield ns
-    finally:
-        for pid in subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split():
-            subprocess.run(["kill", "-9", pid], capture_output=True)
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
 @pytest.fixture
