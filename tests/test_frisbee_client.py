@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import os
 import random
@@ -16,18 +15,18 @@ from agent.frisbee import packets as P
 from agent.frisbee.client import (
     ChunkComplete,
     Client,
-    Datagram,
     Finished,
     Joined,
     TimedOut,
 )
 from agent.frisbee.receive import FrisbeeSource
 from agent.frisbee.serve import serve
-from agent.frisbee.server import Server
+from agent.frisbee.server import BlocksDue, Server
 from agent.io.image import restore
 from agent.io.target import Target
+from agent.sansio import Outgoing
 from conftest import FIXTURES, needs_root
-from net_helpers import lan
+from net_helpers import enter_netns, lan
 
 SERVER, ME, OTHER, PORT = "10.0.0.1", "10.0.0.2", "10.0.0.3", 5000
 MiB = 1 << 20
@@ -38,11 +37,11 @@ def image_bytes(size: int, seed: int = 7) -> bytes:
 
 
 def sent(client: Client) -> list:
-    return [P.decode(d.data)[0] for d in client.datagrams_to_send()]
+    return [P.decode(d.data)[0] for d in client.outgoing()]
 
 
 def deliver(client: Client, msg, now: float, src: str = SERVER, port: int = PORT, hdr_ip: str | None = None):
-    return client.datagram_received(P.encode(msg, hdr_ip or src), (src, port), now)
+    return client.receive(P.encode(msg, hdr_ip or src), (src, port), now)
 
 
 def joined(total_bytes: int, seed: int = 1, v2: bool = True, **kw) -> Client:
@@ -258,7 +257,7 @@ def test_blocks_from_another_host_are_ignored():
     deliver(client, block_of(data, 1, 0), 0.01, src=OTHER, hdr_ip=SERVER)
     deliver(client, block_of(data, 1, 0), 0.01, port=PORT + 1)
     assert client.stats.bad_packets == 2 and not client._filling
-    client.datagram_received(b"garbage", (SERVER, PORT), 0.01)
+    client.receive(b"garbage", (SERVER, PORT), 0.01)
     assert client.stats.bad_packets == 3
     deliver(client, block_of(data, 1, 0), 0.01)
     assert list(client._filling) == [1]
@@ -379,8 +378,8 @@ def test_progress_request_is_answered_to_the_server():
     deliver(client, P.Progress(client.clientid, 0, 0, 1, 1, reply=False), 1.0, src=OTHER)
     assert sent(client) == []
     deliver(client, P.Progress(client.clientid, 0, 30, P.PROGRESS_SUMMARY, 1, reply=False), 1.0)
-    out = client.datagrams_to_send()
-    assert len(out) == 1 and out[0].to == SERVER
+    out = client.outgoing()
+    assert len(out) == 1 and out[0].dest == SERVER
     report = P.decode(out[0].data)[0]
     assert report.reply and report.clientid == client.clientid and report.seq == 1
     assert report.who == int.from_bytes(bytes([10, 0, 0, 2]), "little") and report.when == 1_700_000_001
@@ -425,8 +424,8 @@ def test_server_restart_silence_then_blocks_again_finishes():
 def test_datagram_type():
     client = Client(ME, port=PORT, rng=random.Random(1))
     client.start(0.0)
-    out = client.datagrams_to_send()
-    assert all(isinstance(d, Datagram) and d.to is None for d in out)
+    out = client.outgoing()
+    assert out and all(isinstance(d, Outgoing) and d.dest is None for d in out)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -439,7 +438,7 @@ class Session:
 
     def __init__(self, data: bytes, loss: float, seed: int, clients: int = 1, **client_kw):
         self.data, self.loss, self.rng = data, loss, random.Random(seed)
-        self.server = Server(len(data), now=0.0)
+        self.server = Server(len(data), SERVER, port=PORT, now=0.0)
         self.server_alive = True
         self.clients = [
             Client(f"10.0.0.{10 + i}", port=PORT, rng=random.Random(seed * 100 + i), **client_kw)
@@ -457,7 +456,7 @@ class Session:
     def to_client(self, i: int, datagram: bytes, src: str) -> None:
         if self.lost():
             return
-        for event in self.clients[i].datagram_received(datagram, (src, PORT), self.now):
+        for event in self.clients[i].receive(datagram, (src, PORT), self.now):
             self.on_event(i, event)
 
     def on_event(self, i: int, event) -> None:
@@ -475,35 +474,40 @@ class Session:
         while busy:
             busy = False
             for i, client in enumerate(self.clients):
-                for d in client.datagrams_to_send():
+                for d in client.outgoing():
                     busy = True
                     raw = d.data
                     for j in range(len(self.clients)):
-                        if j != i and d.to is None:
+                        if j != i and d.dest is None:
                             self.to_client(j, raw, client.myip)
                     if self.server_alive and not self.lost():
-                        msg, src = P.decode(raw)
-                        for reply in self.server.receive(msg, src, self.now):
-                            for j in range(len(self.clients)):
-                                self.to_client(j, P.encode(reply, SERVER), SERVER)
-            if self.server_alive:
-                sends = self.server.poll(self.now)
-                for chunk, block in sends.blocks:
-                    busy = True
-                    raw = P.encode(block_of(self.data, chunk, block), SERVER)
-                    for j in range(len(self.clients)):
-                        self.to_client(j, raw, SERVER)
+                        self.server.receive(raw, (client.myip, PORT), self.now)
+                        self.from_server()  # JOIN replies, at once
+            if self.server_alive and self.now >= self.server.next_deadline():
+                for event in self.server.timer(self.now):
+                    if isinstance(event, BlocksDue):
+                        start = event.chunk * MiB + event.block * 1024
+                        data = self.data[start : start + event.count * 1024].ljust(event.count * 1024, b"\0")
+                        self.server.send_blocks(event.chunk, event.block, data)
+                busy |= self.from_server()
         if all(self.finished):
             return
         deadlines = [c.next_deadline() for c in self.clients]
         if self.server_alive:
-            wake = self.server.poll(self.now).wake_at
-            deadlines.append(wake if wake is not None else float("inf"))
+            deadlines.append(self.server.next_deadline())
         self.now = max(self.now, min(deadlines))
         for i, c in enumerate(self.clients):
             if self.now >= c.next_deadline():
                 for event in c.timer(self.now):
                     self.on_event(i, event)
+
+    def from_server(self) -> bool:
+        """Deliver what the server sends to every client; whether it sent anything."""
+        out = self.server.outgoing()
+        for d in out:
+            for j in range(len(self.clients)):
+                self.to_client(j, d.data, SERVER)
+        return bool(out)
 
     def run(self, until: float = 600.0) -> None:
         while not all(self.finished) and self.now < until:
@@ -551,7 +555,7 @@ def test_server_restart_mid_transfer_against_our_server():
     while session.now < died + 5:
         session.step()
     assert not all(session.finished)
-    session.server, session.server_alive = Server(len(data), now=session.now), True
+    session.server, session.server_alive = Server(len(data), SERVER, port=PORT, now=session.now), True
     session.run(until=session.now + 120)
     session.check()
 
@@ -561,37 +565,6 @@ def test_server_restart_mid_transfer_against_our_server():
 # our own (a server and a client cannot share one address: frisbee uses the same port in both directions)
 
 FRISBEED = os.environ.get("NODEAGENT_FRISBEED", "")
-CLONE_NEWNET = 0x40000000
-
-
-def _enter_netns(ns: str) -> None:
-    """Move the calling thread into network namespace ns; sockets it (and threads it starts) create live there."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = os.open(f"/var/run/netns/{ns}", os.O_RDONLY)
-    try:
-        if libc.setns(fd, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), f"setns {ns}")
-    finally:
-        os.close(fd)
-
-
-def _in_netns(ns: str, fn):
-    """fn() on a thread inside ns; its result (or exception) here."""
-    box: dict = {}
-
-    def run():
-        try:
-            _enter_netns(ns)
-            box["value"] = fn()
-        except BaseException as err:
-            box["error"] = err
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    thread.join()
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
 
 
 class _OurServer:
@@ -604,7 +577,7 @@ class _OurServer:
 
         def run():
             try:
-                _enter_netns(ns)
+                enter_netns(ns)
                 serve(str(path), addr, port, ifaddr=ifaddr, log=self.log.append, stop=self.stop, **kw)
             except BaseException as err:
                 self.error = err
@@ -650,7 +623,7 @@ def test_frisbee_source_unicast_from_our_server(tmp_path, cli_restore_sha):
         # Unicast: the server's -m is the client's address, the client's the server's.
         server = _OurServer(server_host.ns, image, client_host.addr, 5101, server_host.addr, bandwidth=200_000_000)
         try:
-            source = _in_netns(client_host.ns, lambda: FrisbeeSource(server_host.addr, 5101, idle_timeout=10))
+            source = client_host.call(lambda: FrisbeeSource(server_host.addr, 5101, idle_timeout=10))
             index, area = source.preflight()
             assert index == 6 and area == image.read_bytes()[6 * MiB : 6 * MiB + 4096]
             result = _restore_from(source, tmp_path / "out.img")
@@ -669,9 +642,7 @@ def test_frisbee_source_slow_consumer_small_memory():
     with lan(2) as (server_host, client_host):
         server = _OurServer(server_host.ns, image, client_host.addr, 5102, server_host.addr)
         try:
-            source = _in_netns(
-                client_host.ns, lambda: FrisbeeSource(server_host.addr, 5102, idle_timeout=10, memory_mb=2)
-            )
+            source = client_host.call(lambda: FrisbeeSource(server_host.addr, 5102, idle_timeout=10, memory_mb=2))
             got = {}
             for index, chunk in source.chunks():
                 got[index] = chunk
@@ -697,9 +668,7 @@ def test_frisbee_source_multicast_from_the_real_frisbeed(tmp_path, cli_restore_s
         frisbeed = server_host.popen(server_host.cmd(*argv))
         try:
             time.sleep(0.2)
-            source = _in_netns(
-                client_host.ns, lambda: FrisbeeSource(group, 5103, ifaddr=client_host.addr, idle_timeout=10)
-            )
+            source = client_host.call(lambda: FrisbeeSource(group, 5103, ifaddr=client_host.addr, idle_timeout=10))
             result = _restore_from(source, tmp_path / "out.img")
             time.sleep(0.3)
         finally:
@@ -715,7 +684,7 @@ def test_frisbee_source_multicast_from_the_real_frisbeed(tmp_path, cli_restore_s
 @needs_root
 def test_frisbee_source_times_out_without_a_server():
     with lan(2) as (nobody, client_host):
-        source = _in_netns(client_host.ns, lambda: FrisbeeSource(nobody.addr, 5104, idle_timeout=1))
+        source = client_host.call(lambda: FrisbeeSource(nobody.addr, 5104, idle_timeout=1))
         start = time.monotonic()
         with pytest.raises(SourceError, match=rf"^no packets from the frisbee server {nobody.addr}:5104 for 1 s$"):
             source.preflight()

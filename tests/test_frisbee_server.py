@@ -14,13 +14,14 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.errors import NodeagentError, SourceError
-from agent.frisbee.net import AddressInUse, accept_source, mode_of, open_endpoint, subnet_broadcast
+from agent.errors import AddressInUseError, NetworkError, NodeagentError, SourceError
+from agent.frisbee.net import mode_of, open_endpoint, subnet_broadcast
 from agent.frisbee.packets import (
     BLOCK_SIZE,
     CHUNK_BYTES,
@@ -33,6 +34,7 @@ from agent.frisbee.packets import (
     PRequest,
     Progress,
     Request,
+    accept_source,
     bitmap_of,
     chunk_blocks,
     decode,
@@ -40,57 +42,94 @@ from agent.frisbee.packets import (
     encode_block,
     total_chunks,
 )
-from agent.frisbee.serve import serve
-from agent.frisbee.server import CATCHUP, WIRE_BITS_PER_BLOCK, Pacing, Server
+from agent.frisbee.serve import log_line, serve
+from agent.frisbee.server import CATCHUP, WIRE_BITS_PER_BLOCK, BlocksDue, Idle, Pacing, Server
 from agent.netif import IPv4Interface, ipv4_interfaces
+from net_helpers import BROADCAST, lan
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures" / "imagezip"
 SIZE = 3 * CHUNK_BYTES + 5000  # 3 full chunks and a last chunk of 5 blocks, the last one short
-IP = "10.0.0.2"
+IP = "10.0.0.2"  # a client
+SERVER, PORT = "10.0.0.1", 5000
+
+
+def make(total: int = SIZE, **kw) -> Server:
+    return Server(total, SERVER, port=PORT, **kw)
+
+
+def unpaced(total: int = SIZE, **kw) -> Server:
+    return make(total, pacing=Pacing.from_bandwidth(0), **kw)
+
+
+def deliver(server: Server, msg, ip: str = IP, now: float = 0.0) -> list:
+    """msg as a datagram from ip (its header naming ip) on the session port; the server's events."""
+    return server.receive(encode(msg, ip), (ip, PORT), now)
+
+
+def ask(server: Server, msg, ip: str = IP, now: float = 0.0) -> list:
+    """Deliver msg; the replies the server queued, decoded."""
+    deliver(server, msg, ip, now)
+    return [decode(out.data)[0] for out in server.outgoing()]
+
+
+class Sends(NamedTuple):
+    blocks: list[tuple[int, int]]
+    wake_at: float | None  # None: only when a message arrives
+    done: bool
+
+
+def poll(server: Server, now: float) -> Sends:
+    """timer(now), whether due or not (early calls send nothing), and next_deadline: the blocks due, when next."""
+    events = server.timer(now)
+    blocks = [(e.chunk, b) for e in events if isinstance(e, BlocksDue) for b in range(e.block, e.block + e.count)]
+    deadline = server.next_deadline()
+    return Sends(blocks, None if deadline == math.inf else deadline, any(isinstance(e, Idle) for e in events))
+
+
+def pending(server: Server) -> int:
+    """Blocks queued or in the current run."""
+    run = server._run
+    return sum(w.bits.bit_count() for w in server._queue) + (run[2] - run[1] if run else 0)
 
 
 def drain(server: Server, start: float = 0.0, limit: float = 100.0) -> list[tuple[int, int]]:
     """Run the pacing clock (polling exactly at each wake-up) until the queue is empty."""
     now, out = start, []
     while now < limit:
-        sends = server.poll(now)
+        sends = poll(server, now)
         out += sends.blocks
-        if not server.pending:
+        if not pending(server):
             return out
         now = sends.wake_at
     raise AssertionError("queue never drained")
-
-
-def unpaced(total: int = SIZE, **kw) -> Server:
-    return Server(total, pacing=Pacing.from_bandwidth(0), **kw)
 
 
 # --- joins ---------------------------------------------------------------------------------------------------------
 
 
 def test_join_replies_carry_the_size():
-    server = Server(SIZE)
-    assert server.receive(Join(5), IP, 0) == [JoinReply(3 * 1024 + 5)]
-    assert server.receive(Join2(9, 0, 1024, 1024, 0, False), IP, 0) == [Join2(9, 0, 1024, 1024, SIZE, True)]
+    server = make(SIZE)
+    assert ask(server, Join(5), IP, 0) == [JoinReply(3 * 1024 + 5)]
+    assert ask(server, Join2(9, 0, 1024, 1024, 0, False), IP, 0) == [Join2(9, 0, 1024, 1024, SIZE, True)]
 
 
 def test_join_replies_are_immediate_even_mid_burst():
-    server = Server(SIZE)
-    server.receive(Request(0, 0, 1024), IP, 0)
-    assert len(server.poll(0.0).blocks) == 16
+    server = make(SIZE)
+    ask(server, Request(0, 0, 1024), IP, 0)
+    assert len(poll(server, 0.0).blocks) == 16
     # The burst budget is spent until t=2 ms, but a JOIN is answered now, ahead of the queued blocks.
-    assert server.receive(Join(1), IP, 0.0005) == [JoinReply(3 * 1024 + 5)]
-    assert server.poll(0.0005).blocks == []
+    assert ask(server, Join(1), IP, 0.0005) == [JoinReply(3 * 1024 + 5)]
+    assert poll(server, 0.0005).blocks == []
 
 
 def test_echoes_of_server_traffic_are_ignored():
-    server = Server(SIZE, idle_timeout=10)
+    server = make(SIZE, idle_timeout=10)
     echoes = (JoinReply(7), Join2(1, 0, 1024, 1024, 9, True), Block(0, 0, bytes(1024)), Progress(1, 0, 5, 1, 1, False))
     for msg in echoes:
-        assert server.receive(msg, IP, 5) == []
-    assert server.pending == 0
-    assert server.poll(10).done  # none of them counted as activity
+        assert ask(server, msg, IP, 5) == []
+    assert pending(server) == 0
+    assert poll(server, 10).done  # none of them counted as activity
 
 
 # --- the work queue ---------------------------------------------------------------------------------------------------
@@ -98,42 +137,42 @@ def test_echoes_of_server_traffic_are_ignored():
 
 def test_requests_for_a_queued_chunk_merge():
     server = unpaced()
-    server.receive(Request(1, 0, 10), IP, 0)
-    server.receive(Request(2, 0, 3), "10.0.0.3", 0)
-    server.receive(PRequest(1, 0, bitmap_of(range(5, 21))), "10.0.0.4", 0)
+    ask(server, Request(1, 0, 10), IP, 0)
+    ask(server, Request(2, 0, 3), "10.0.0.3", 0)
+    ask(server, PRequest(1, 0, bitmap_of(range(5, 21))), "10.0.0.4", 0)
     assert server.stats["merged"] == 1
     assert drain(server) == [(1, b) for b in range(21)] + [(2, 0), (2, 1), (2, 2)]
 
 
 def test_full_request_for_the_chunk_being_sent_is_dropped():
-    server = Server(SIZE)
-    server.receive(Request(0, 0, 1024), IP, 0)
-    first = server.poll(0).blocks
+    server = make(SIZE)
+    ask(server, Request(0, 0, 1024), IP, 0)
+    first = poll(server, 0).blocks
     assert first == [(0, b) for b in range(16)]
-    server.receive(Request(0, 0, 1024), "10.0.0.3", 0.001)  # a late joiner: it catches the rest as it goes by
-    server.receive(PRequest(0, 0, bytes([0xFF]) * 128), "10.0.0.4", 0.001)  # a full map is a full request too
+    ask(server, Request(0, 0, 1024), "10.0.0.3", 0.001)  # a late joiner: it catches the rest as it goes by
+    ask(server, PRequest(0, 0, bytes([0xFF]) * 128), "10.0.0.4", 0.001)  # a full map is a full request too
     assert server.stats["dropped"] == 2
     assert first + drain(server, 0.002) == [(0, b) for b in range(1024)]
 
 
 def test_partial_request_for_the_chunk_being_sent_is_kept():
-    server = Server(SIZE)
-    server.receive(Request(0, 0, 1024), IP, 0)
-    server.receive(Request(1, 0, 1024), IP, 0)
-    sent = server.poll(0).blocks
-    server.receive(PRequest(0, 1, bitmap_of([3])), "10.0.0.3", 0.001)  # lost block 3 of the chunk in flight
+    server = make(SIZE)
+    ask(server, Request(0, 0, 1024), IP, 0)
+    ask(server, Request(1, 0, 1024), IP, 0)
+    sent = poll(server, 0).blocks
+    ask(server, PRequest(0, 1, bitmap_of([3])), "10.0.0.3", 0.001)  # lost block 3 of the chunk in flight
     sent += drain(server, 0.002)
     assert sent == [(0, b) for b in range(1024)] + [(1, b) for b in range(1024)] + [(0, 3)]
 
 
 def test_head_entry_only_takes_blocks_ahead_of_the_run():
-    server = Server(SIZE)
-    server.receive(Request(0, 0, 100), IP, 0)
-    server.receive(Request(0, 200, 100), IP, 0)  # merged: the head entry holds 0-99 and 200-299
-    server.receive(Request(1, 0, 1), IP, 0)
-    sent = server.poll(0).blocks  # the run 0-99 of chunk 0 starts
-    server.receive(PRequest(0, 0, bitmap_of([150])), IP, 0.001)  # ahead of the run: merged into the head entry
-    server.receive(PRequest(0, 0, bitmap_of([50])), IP, 0.001)  # behind the run's end: to the back of the queue
+    server = make(SIZE)
+    ask(server, Request(0, 0, 100), IP, 0)
+    ask(server, Request(0, 200, 100), IP, 0)  # merged: the head entry holds 0-99 and 200-299
+    ask(server, Request(1, 0, 1), IP, 0)
+    sent = poll(server, 0).blocks  # the run 0-99 of chunk 0 starts
+    ask(server, PRequest(0, 0, bitmap_of([150])), IP, 0.001)  # ahead of the run: merged into the head entry
+    ask(server, PRequest(0, 0, bitmap_of([50])), IP, 0.001)  # behind the run's end: to the back of the queue
     sent += drain(server, 0.002)
     expect = [(0, b) for b in range(100)] + [(0, 150)] + [(0, b) for b in range(200, 300)] + [(1, 0), (0, 50)]
     assert sent == expect
@@ -142,42 +181,42 @@ def test_head_entry_only_takes_blocks_ahead_of_the_run():
 def test_a_queued_chunk_is_sent_once_for_many_requests():
     server = unpaced()
     for i in range(20):
-        server.receive(Request(2, 0, 1024), f"10.0.1.{i}", 0)
+        ask(server, Request(2, 0, 1024), f"10.0.1.{i}", 0)
     assert drain(server) == [(2, b) for b in range(1024)]
 
 
 def test_no_per_client_state():
     # Anyone may ask, joined or not, and the same chunk is sent again whenever asked again after it went by.
     server = unpaced()
-    server.receive(Request(1, 0, 1024), "10.0.0.3", 0)
+    ask(server, Request(1, 0, 1024), "10.0.0.3", 0)
     assert len(drain(server)) == 1024
-    server.receive(Request(1, 0, 1024), "10.0.0.3", 1)
+    ask(server, Request(1, 0, 1024), "10.0.0.3", 1)
     assert len(drain(server, 1)) == 1024
     assert server.stats["joins"] == 0
 
 
 def test_out_of_range_requests_are_ignored():
     server = unpaced()
-    server.receive(Request(4, 0, 1024), IP, 0)  # chunks are 0..3
-    server.receive(PRequest(99, 0, bitmap_of([0])), IP, 0)
-    server.receive(PRequest(3, 0, bitmap_of([5, 6, 1000])), IP, 0)  # the last chunk has blocks 0..4 only
-    server.receive(PRequest(0, 0, bytes(128)), IP, 0)  # an empty map
-    assert server.pending == 0
+    ask(server, Request(4, 0, 1024), IP, 0)  # chunks are 0..3
+    ask(server, PRequest(99, 0, bitmap_of([0])), IP, 0)
+    ask(server, PRequest(3, 0, bitmap_of([5, 6, 1000])), IP, 0)  # the last chunk has blocks 0..4 only
+    ask(server, PRequest(0, 0, bytes(128)), IP, 0)  # an empty map
+    assert pending(server) == 0
     assert server.stats["ignored"] == 4
 
 
 def test_the_last_chunk_is_clipped_to_the_file():
     server = unpaced()
-    server.receive(Request(3, 0, 1024), IP, 0)
+    ask(server, Request(3, 0, 1024), IP, 0)
     assert drain(server) == [(3, b) for b in range(5)]
 
 
 def test_empty_file():
     server = unpaced(0)
-    assert server.receive(Join(1), IP, 0) == [JoinReply(0)]
-    assert server.receive(Join2(1, 0, 1024, 1024, 0, False), IP, 0)[0].bytecount == 0
-    server.receive(Request(0, 0, 1), IP, 0)
-    assert server.pending == 0
+    assert ask(server, Join(1), IP, 0) == [JoinReply(0)]
+    assert ask(server, Join2(1, 0, 1024, 1024, 0, False), IP, 0)[0].bytecount == 0
+    ask(server, Request(0, 0, 1), IP, 0)
+    assert pending(server) == 0
 
 
 # --- pacing --------------------------------------------------------------------------------------------------------
@@ -209,12 +248,12 @@ def test_rates_over_a_second():
     # A 3 MiB file is only 3077 blocks, so use a bigger one for the rate itself.
     big = 100 * CHUNK_BYTES
     for bps, expect in [(None, 8000), (50_000_000, 5454), (9168 * 400, 400)]:
-        server = Server(big, pacing=Pacing.from_bandwidth(bps))
+        server = make(big, pacing=Pacing.from_bandwidth(bps))
         for chunk in range(100):
-            server.receive(Request(chunk, 0, 1024), IP, 0)
+            ask(server, Request(chunk, 0, 1024), IP, 0)
         now, count, bursts = 0.0, 0, set()
         while now < 1.0 - 1e-9:
-            sends = server.poll(now)
+            sends = poll(server, now)
             count += len(sends.blocks)
             bursts.add(len(sends.blocks))
             now = sends.wake_at
@@ -223,34 +262,34 @@ def test_rates_over_a_second():
 
 
 def test_polling_early_sends_nothing():
-    server = Server(SIZE)
-    server.receive(Request(0, 0, 1024), IP, 0)
-    assert len(server.poll(0).blocks) == 16
-    sends = server.poll(0.0015)
+    server = make(SIZE)
+    ask(server, Request(0, 0, 1024), IP, 0)
+    assert len(poll(server, 0).blocks) == 16
+    sends = poll(server, 0.0015)
     assert sends.blocks == [] and sends.wake_at == pytest.approx(0.002)
 
 
 def test_late_polls_catch_up_at_most_10_ms():
-    server = Server(SIZE)
-    server.receive(Request(0, 0, 1024), IP, 0)
-    server.poll(0)
-    sends = server.poll(0.5)  # 249 bursts late: make up 5 of them (10 ms), then keep the schedule
+    server = make(SIZE)
+    ask(server, Request(0, 0, 1024), IP, 0)
+    poll(server, 0)
+    sends = poll(server, 0.5)  # 249 bursts late: make up 5 of them (10 ms), then keep the schedule
     assert len(sends.blocks) == 16 * 6 and sends.wake_at == pytest.approx(0.502)
-    sends = server.poll(0.0025 + 0.5)  # slightly late: keep the schedule
+    sends = poll(server, 0.0025 + 0.5)  # slightly late: keep the schedule
     assert len(sends.blocks) == 16 and sends.wake_at == pytest.approx(0.504)
-    sends = server.poll(0.5071)  # one and a half bursts late: one made up
+    sends = poll(server, 0.5071)  # one and a half bursts late: one made up
     assert len(sends.blocks) == 32 and sends.wake_at == pytest.approx(0.508)
 
 
 def test_rate_holds_when_woken_late():
     """A server polled only every 7 ms (descheduled on a busy machine) still sends -W on average."""
     big = 100 * CHUNK_BYTES
-    server = Server(big, pacing=Pacing.from_bandwidth(50_000_000))
+    server = make(big, pacing=Pacing.from_bandwidth(50_000_000))
     for chunk in range(100):
-        server.receive(Request(chunk, 0, 1024), IP, 0)
+        ask(server, Request(chunk, 0, 1024), IP, 0)
     count, now = 0, 0.0
     while now < 1.0 - 1e-9:
-        sends = server.poll(now)
+        sends = poll(server, now)
         count += len(sends.blocks)
         assert len(sends.blocks) <= 5.46 * 11
         now = max(sends.wake_at, now + 0.007)
@@ -259,8 +298,8 @@ def test_rate_holds_when_woken_late():
 
 def test_unlimited_hands_out_batches_at_once():
     server = unpaced()
-    server.receive(Request(0, 0, 1024), IP, 0)
-    sends = server.poll(7.0)
+    ask(server, Request(0, 0, 1024), IP, 0)
+    sends = poll(server, 7.0)
     assert len(sends.blocks) == 32 and sends.wake_at == 7.0
     assert Pacing.from_bandwidth(0).describe() == "Maximum send bandwidth unlimited"
 
@@ -274,45 +313,46 @@ def test_negative_bandwidth_refused():
 
 
 def test_idle_timeout_counts_from_the_last_request_or_send():
-    server = Server(SIZE, idle_timeout=30, now=100)
-    sends = server.poll(120)
+    server = make(SIZE, idle_timeout=30, now=100)
+    sends = poll(server, 120)
     assert sends.wake_at == 130 and not sends.done and not sends.blocks
-    server.receive(Request(0, 0, 16), IP, 125)  # one burst's worth
-    assert server.poll(126).blocks and not server.poll(150).done  # idle since the send at 126
-    assert server.poll(156).done
+    ask(server, Request(0, 0, 16), IP, 125)  # one burst's worth
+    assert poll(server, 126).blocks and not poll(server, 150).done  # idle since the send at 126
+    assert poll(server, 156).done
 
 
 def test_leaves_do_not_keep_the_server_alive():
-    server = Server(SIZE, idle_timeout=30, now=0)
-    server.receive(Join(1), IP, 0)
-    server.receive(Leave(1, 12), IP, 20)
-    assert server.poll(30).done
+    server = make(SIZE, idle_timeout=30, now=0)
+    ask(server, Join(1), IP, 0)
+    ask(server, Leave(1, 12), IP, 20)
+    assert poll(server, 30).done
 
 
 def test_idle_timeout_zero_never_ends():
-    server = Server(SIZE, idle_timeout=0)
-    sends = server.poll(1e9)
+    server = make(SIZE, idle_timeout=0)
+    sends = poll(server, 1e9)
     assert not sends.done and sends.wake_at is None
 
 
 def test_negative_idle_timeout_ends_after_the_last_client_leaves():
-    server = Server(SIZE, idle_timeout=-1)
-    assert server.poll(1e6).wake_at is None  # nobody came yet: wait
-    server.receive(Join(1), IP, 10)
-    server.receive(Join(2), "10.0.0.3", 10)
-    server.receive(Leave(1, 5), IP, 15)
-    assert not server.poll(100).done
-    server.receive(Leave2(2, 6, bytes(1028)), "10.0.0.3", 100)
-    assert not server.poll(101).done and server.poll(102).done
+    server = make(SIZE, idle_timeout=-1)
+    assert poll(server, 1e6).wake_at is None  # nobody came yet: wait
+    ask(server, Join(1), IP, 10)
+    ask(server, Join(2), "10.0.0.3", 10)
+    ask(server, Leave(1, 5), IP, 15)
+    assert not poll(server, 100).done
+    ask(server, Leave2(2, 6, bytes(1028)), "10.0.0.3", 100)
+    assert not poll(server, 101).done and poll(server, 102).done
 
 
 def test_log_lines():
-    lines = []
-    server = Server(SIZE, log=lines.append)
-    server.receive(Join(77), IP, 0)
-    server.receive(Progress(77, 0, 5, 1, 1, True, (1, 2, 3)), IP, 1)
-    server.receive(Leave2(77, 42, bytes(1028)), IP, 2)
-    server.receive(Leave(78, 1), IP, 2)
+    # The engine reports joins, leaves and reports as events; the shell's log_line words them.
+    server = make(SIZE)
+    events = deliver(server, Join(77), IP, 0)
+    events += deliver(server, Progress(77, 0, 5, 1, 1, True, (1, 2, 3)), IP, 1)
+    events += deliver(server, Leave2(77, 42, bytes(1028)), IP, 2)
+    events += deliver(server, Leave(78, 1), IP, 2)
+    lines = [log_line(e) for e in events]
     assert "10.0.0.2 (id 77) joins (v1)" in lines[0]
     assert "recv=1 decomp=2 written=3" in lines[1]
     assert "ran for 42 seconds" in lines[2]
@@ -335,18 +375,18 @@ def request_streams(draw):
 @settings(max_examples=200, deadline=None)
 @given(request_streams(), st.sampled_from([None, 0, 50_000_000]))
 def test_any_request_stream_is_served_within_the_file_and_the_rate(stream, bps):
-    server = Server(SIZE, pacing=Pacing.from_bandwidth(bps))
+    server = make(SIZE, pacing=Pacing.from_bandwidth(bps))
     wanted: set[tuple[int, int]] = set()
     sent: list[tuple[int, int]] = []
     now = 0.0
     for msg, dt in stream:
         now += dt
-        server.receive(msg, IP, now)
+        ask(server, msg, IP, now)
         if isinstance(msg, Request):
             wanted |= {(msg.chunk, b) for b in range(msg.block, msg.block + msg.count)}
         elif isinstance(msg, PRequest):
             wanted |= {(msg.chunk, b) for b in range(1024) if msg.blockmap[b // 8] >> (b % 8) & 1}
-        sends = server.poll(now)
+        sends = poll(server, now)
         # A late poll makes up for at most CATCHUP seconds of missed bursts.
         catchup = 1 + math.ceil(CATCHUP / server.pacing.interval) if bps != 0 else 0
         assert len(sends.blocks) <= (32 if bps == 0 else math.ceil(server.pacing.burst * catchup))
@@ -575,9 +615,9 @@ def test_serve_errors_are_one_line_nodeagent_errors(tmp_path, odd_file):
     port = free_port()
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as holder:
         holder.bind(("0.0.0.0", port))
-        with pytest.raises(AddressInUse, match="in use") as info:
+        with pytest.raises(AddressInUseError, match="in use") as info:
             serve(str(path), CLIENT_IP, port, SERVER_IP)
-    assert info.value.exit_status == errno.EADDRINUSE and isinstance(info.value, NodeagentError)
+    assert info.value.exit_status == errno.EADDRINUSE == 98 and isinstance(info.value, NetworkError)
     with pytest.raises(NodeagentError, match="not an IPv4"):
         serve(str(path), "a" * 64, free_port())  # a bad name that fails in the IDNA codec, before any DNS query
     with pytest.raises(NodeagentError, match="bandwidth"):
@@ -608,56 +648,21 @@ needs_frisbee = pytest.mark.skipif(
 _nets = itertools.count(1)
 
 
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True)
-
-
-@contextlib.contextmanager
-def two_hosts():
-    """Namespaces 'server' (10.79.N.1) and 'client' (10.79.N.2) joined by a veth pair, with a multicast route.
-    Yields (server_ns, client_ns, server_ip, client_ip, broadcast)."""
-    n = next(_nets)
-    tag = f"nafs{os.getpid() % 100000}x{n}"
-    names = [f"{tag}s", f"{tag}c"]
-    net_ = f"10.79.{(os.getpid() + n) % 250}"
-    made = []
-    try:
-        for ns in names:
-            _ip("netns", "add", ns)
-            made.append(ns)
-            _ip("-n", ns, "link", "set", "lo", "up")
-        _ip("-n", names[0], "link", "add", "v0", "type", "veth", "peer", "name", "v1", "netns", names[1])
-        for ns, dev, host in ((names[0], "v0", 1), (names[1], "v1", 2)):
-            _ip("-n", ns, "addr", "add", f"{net_}.{host}/24", "broadcast", f"{net_}.255", "dev", dev)
-            _ip("-n", ns, "link", "set", dev, "up")
-            _ip("-n", ns, "route", "add", "224.0.0.0/4", "dev", dev)
-        yield names[0], names[1], f"{net_}.1", f"{net_}.2", f"{net_}.255"
-    finally:
-        for ns in made:
-            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(pid), 9)
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-
-
-def start_server(ns: str, path: Path, addr: str, port: int, ifaddr: str, *, broadcast=False, bandwidth=None):
+def start_server(host, path: Path, addr: str, port: int, *, broadcast=False, bandwidth=None):
     code = (
         "import sys; from agent.frisbee.serve import serve; "
-        f"serve({str(path)!r}, {addr!r}, {port}, {ifaddr!r}, broadcast={broadcast}, bandwidth={bandwidth!r}, "
+        f"serve({str(path)!r}, {addr!r}, {port}, {host.addr!r}, broadcast={broadcast}, bandwidth={bandwidth!r}, "
         "idle_timeout=-1)"  # the server ends 2 s after its last client leaves
     )
-    return subprocess.Popen(
-        ["ip", "netns", "exec", ns, sys.executable, "-c", code],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    return host.popen(host.python(code))
 
 
-def run_frisbee(ns: str, out: Path, addr: str, port: int, ifaddr: str, *flags: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        ["ip", "netns", "exec", ns, FRISBEE, "-m", addr, "-p", str(port), "-i", ifaddr, "-T", "20", *flags, str(out)],
-        capture_output=True, text=True, timeout=120,
-    )
+def frisbee_argv(host, out: Path, addr: str, port: int, *flags: str) -> list[str]:
+    return host.cmd(FRISBEE, "-m", addr, "-p", port, "-i", host.addr, "-T", "20", *flags, out)
+
+
+def run_frisbee(host, out: Path, addr: str, port: int, *flags: str) -> subprocess.CompletedProcess:
+    return host.run(frisbee_argv(host, out, addr, port, *flags), timeout=120, text=True)
 
 
 def finish(server: subprocess.Popen) -> str:
@@ -697,23 +702,23 @@ def test_real_frisbee_client_from_our_server(mode, image, tmp_path):
     expected = nodeagent_restore(source, tmp_path / "nodeagent.img")
     out = tmp_path / "frisbee.img"
     port = 5000 + next(_nets)
-    with two_hosts() as (sns, cns, sip, cip, bcast):
+    with lan(2) as (server_host, client_host):
         if mode == "multicast":
             saddr = caddr = "239.192.7.1"
         elif mode == "unicast":
-            saddr, caddr = cip, sip  # each names the other
+            saddr, caddr = client_host.addr, server_host.addr  # each names the other
         else:
-            saddr = caddr = "255.255.255.255"  # narrowed to the veth subnet by -i on both sides
-        server = start_server(sns, source, saddr, port, sip, broadcast=mode == "broadcast")
+            saddr = caddr = "255.255.255.255"  # narrowed to the subnet by -i on both sides
+        server = start_server(server_host, source, saddr, port, broadcast=mode == "broadcast")
         time.sleep(0.5)
         flags = ["-b"] if mode == "broadcast" else []
-        client = run_frisbee(cns, out, caddr, port, cip, *flags)
+        client = run_frisbee(client_host, out, caddr, port, *flags)
         log = finish(server)
     assert client.returncode == 0, client.stdout + client.stderr
     assert same_restore(out, expected), f"frisbee's restore differs from nodeagent image's\n{client.stderr}"
     assert "joins (v1)" in log and "ran for" in log
     if mode == "broadcast":
-        assert f"Limiting broadcasts using {bcast}" in log
+        assert f"Limiting broadcasts using {BROADCAST}" in log
 
 
 @needs_frisbee
@@ -723,10 +728,10 @@ def test_real_frisbee_client_raw_file_mode(tmp_path):
     source = tmp_path / "any.bin"
     source.write_bytes(data)
     out = tmp_path / "copy.bin"
-    with two_hosts() as (sns, cns, sip, cip, _):
-        server = start_server(sns, source, "239.192.7.2", 5100, sip, bandwidth=200_000_000)
+    with lan(2) as (server_host, client_host):
+        server = start_server(server_host, source, "239.192.7.2", 5100, bandwidth=200_000_000)
         time.sleep(0.5)
-        client = run_frisbee(cns, out, "239.192.7.2", 5100, cip, "-N")
+        client = run_frisbee(client_host, out, "239.192.7.2", 5100, "-N")
         log = finish(server)
     assert client.returncode == 0, client.stdout + client.stderr
     assert out.read_bytes() == data
@@ -738,15 +743,13 @@ def test_two_real_clients_at_once(tmp_path):
     source = FIXTURES / "fsA-raw-v3.ndz"
     expected = nodeagent_restore(source, tmp_path / "nodeagent.img")
     outs = [tmp_path / "a.img", tmp_path / "b.img"]
-    with two_hosts() as (sns, cns, sip, cip, _):
-        server = start_server(sns, source, "239.192.7.3", 5200, sip)
+    # One host each: a real frisbee binds INADDR_ANY:port too, which a second client on the same host cannot.
+    with lan(3) as (server_host, *client_hosts):
+        server = start_server(server_host, source, "239.192.7.3", 5200)
         time.sleep(0.5)
         clients = [
-            subprocess.Popen(
-                ["ip", "netns", "exec", cns, FRISBEE, "-m", "239.192.7.3", "-p", "5200", "-i", cip, "-T", "20", str(o)],
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            )
-            for o in outs
+            host.popen(frisbee_argv(host, o, "239.192.7.3", 5200), stderr=subprocess.STDOUT, text=True)
+            for host, o in zip(client_hosts, outs)
         ]
         logs = [c.communicate(timeout=120)[0] for c in clients]
         finish(server)
@@ -761,10 +764,10 @@ def test_real_frisbee_client_recovers_losses_from_our_unpaced_server(tmp_path):
     source = FIXTURES / "fsA-raw-v3.ndz"
     expected = nodeagent_restore(source, tmp_path / "nodeagent.img")
     out = tmp_path / "frisbee.img"
-    with two_hosts() as (sns, cns, sip, cip, _):
-        server = start_server(sns, source, "239.192.7.4", 5300, sip, bandwidth=0)
+    with lan(2) as (server_host, client_host):
+        server = start_server(server_host, source, "239.192.7.4", 5300, bandwidth=0)
         time.sleep(0.5)
-        client = run_frisbee(cns, out, "239.192.7.4", 5300, cip, "-k", "16")
+        client = run_frisbee(client_host, out, "239.192.7.4", 5300, "-k", "16")
         finish(server)
     assert client.returncode == 0, client.stdout + client.stderr
     assert same_restore(out, expected), client.stderr
@@ -817,28 +820,25 @@ def test_client_endpoint_against_our_server(mode, tmp_path):
     source = FIXTURES / "fsA-fsaware-v3.ndz"
     size = source.stat().st_size
     port = 5400 + next(_nets)
-    with two_hosts() as (sns, cns, sip, cip, bcast):
+    with lan(2) as (server_host, client_host):
         saddr, caddr = {
             "multicast": ("239.192.7.5", "239.192.7.5"),
             "broadcast": ("255.255.255.255", "255.255.255.255"),
-            "unicast": (cip, sip),
+            "unicast": (client_host.addr, server_host.addr),
         }[mode]
-        server = start_server(sns, source, saddr, port, sip, broadcast=mode == "broadcast")
+        server = start_server(server_host, source, saddr, port, broadcast=mode == "broadcast")
         time.sleep(0.5)
         code = (
             "import test_frisbee_server as t; "
-            f"t.endpoint_client({caddr!r}, {port}, {cip!r}, {mode == 'broadcast'}, {size})"
+            f"t.endpoint_client({caddr!r}, {port}, {client_host.addr!r}, {mode == 'broadcast'}, {size})"
         )
-        client = subprocess.run(
-            ["ip", "netns", "exec", cns, sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-            timeout=120, env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"},
-        )
+        client = client_host.run(client_host.python(code), timeout=120, text=True)
         log = finish(server)
     assert client.returncode == 0, client.stderr
     assert client.stdout.strip() == hashlib.sha256(source.read_bytes()).hexdigest()
     assert "(id 99) joins (v1)" in log and "bad" not in log.split("Exiting:")[0]
     if mode == "broadcast":  # the subnet broadcast found through SIOCGIFADDR/SIOCGIFBRDADDR on the server's side
-        assert f"Limiting broadcasts using {bcast}" in log
+        assert f"Limiting broadcasts using {BROADCAST}" in log
 
 
 @needs_root_netns
@@ -846,22 +846,19 @@ def test_server_survives_icmp_errors_from_a_vanished_unicast_client(tmp_path):
     # The unicast client asks for a chunk and goes away: every BLOCK to it draws an ICMP port unreachable, which
     # IP_RECVERR reports on the server's socket. The server carries on and ends by its idle timeout.
     source = FIXTURES / "fsA-raw-v3.ndz"
-    with two_hosts() as (sns, cns, sip, cip, _):
+    with lan(2) as (server_host, client_host):
+        sip, cip = server_host.addr, client_host.addr
         code = (
             "from agent.frisbee.serve import serve; "
             f"serve({str(source)!r}, {cip!r}, 5500, {sip!r}, idle_timeout=1)"
         )
-        server = subprocess.Popen(
-            ["ip", "netns", "exec", sns, sys.executable, "-c", code],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)},
-        )
+        server = server_host.popen(server_host.python(code))
         time.sleep(0.5)
-        ask = (
+        request = (
             "import socket; from agent.frisbee.packets import Request, encode; "
             "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
             f"s.bind(({cip!r}, 5500)); s.sendto(encode(Request(0, 0, 1024), {cip!r}), ({sip!r}, 5500))"
         )
-        subprocess.run(["ip", "netns", "exec", cns, sys.executable, "-c", ask], cwd=ROOT, check=True,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+        client_host.run(client_host.python(request), check=True)
         log = finish(server)
     assert "Exiting: 1024 blocks sent" in log, log

@@ -1,8 +1,9 @@
-"""The frisbee client's protocol logic (frisbee's client.c receive thread), sans-I/O.
+"""The frisbee client's protocol logic (frisbee's client.c receive thread), a sans-I/O engine (agent/sansio.py).
 
-Datagrams and a `now` timestamp (seconds, monotonic) go in; datagrams to send and events come out. The caller owns
-the socket and the clock: it feeds every datagram to `datagram_received`, calls `timer` when `next_deadline` has
-passed, sends `datagrams_to_send()` and calls `chunk_taken` once a completed chunk has left its hands.
+The shell owns the socket and the clock: it calls `start` once, feeds every datagram to `receive`, calls `timer`
+when `next_deadline` has passed, sends `outgoing()` and calls `chunk_taken` once a completed chunk has left its
+hands. `server_block` is the seam for a receive fast path that parses BLOCKs itself (they are nearly all of the
+traffic): it takes a BLOCK already known to be well formed and from our server.
 
 What it does, as frisbee does it:
   * JOIN: JOIN2 and JOIN v1 every 500 ms until the first reply; the server that answers is the only one whose
@@ -34,9 +35,10 @@ import random
 import socket
 import struct
 from dataclasses import dataclass
-from typing import NamedTuple, Union
+from typing import Union
 
 from ..errors import SourceError
+from ..sansio import Address, Engine, Outgoing
 from .packets import (
     BLOCK_DATA_OFFSET,
     BLOCK_SIZE,
@@ -54,6 +56,7 @@ from .packets import (
     PRequest,
     Progress,
     Request,
+    accept_source,
     block_header,
     chunk_blocks,
     decode,
@@ -95,11 +98,7 @@ class TimedOut:
 
 
 Event = Union[Joined, ChunkComplete, Finished, TimedOut]
-
-
-class Datagram(NamedTuple):
-    data: bytes
-    to: str | None  # None: the session address (group, broadcast or unicast server); else this IP, same port
+# Outgoing.dest is None (the session address: group, broadcast or unicast server) or an IP, same port.
 
 
 @dataclass
@@ -136,7 +135,7 @@ _JOINING, _RECEIVING, _DONE = "joining", "receiving", "done"
 _CLIENT_STATS = struct.Struct("<i iii QQ iiiiiiiii IIIIIIIIII i IIII")
 
 
-class Client:
+class Client(Engine):
     """One frisbee client session. See the module docstring; all times are the caller's `now` (seconds)."""
 
     def __init__(
@@ -144,6 +143,7 @@ class Client:
         myip: str,
         *,
         port: int | None = None,
+        session_addr: str | None = None,
         rng: random.Random | None = None,
         memory_mb: int = 32,
         readahead: int = 2,
@@ -153,13 +153,15 @@ class Client:
         wall_offset: float = 0.0,
     ) -> None:
         """myip: our address (the srcip of what we send). port: the session port; datagrams from another source
-        port are dropped (None: not checked). memory_mb: chunk buffers of 1 MiB, partly filled or complete and
-        not yet taken. idle_timeout: seconds of server silence before TimedOut (0: never). wall_offset: added to
-        `now` to get the wall-clock time PROGRESS reports carry."""
+        port are dropped (None: not checked). session_addr: the session address (group, broadcast or unicast
+        server), for packets.accept_source (None: no datagram comes from it). memory_mb: chunk buffers of 1 MiB,
+        partly filled or complete and not yet taken. idle_timeout: seconds of server silence before TimedOut (0:
+        never). wall_offset: added to `now` to get the wall-clock time PROGRESS reports carry."""
         if memory_mb < 1 or readahead < 1 or inprogress < 1:
             raise ValueError("memory_mb, readahead and inprogress must be at least 1")
         self.myip = myip
         self.port = port
+        self.session_addr = session_addr
         self.rng = rng if rng is not None else random.Random()
         self.memory_mb = memory_mb
         self.readahead = readahead
@@ -175,7 +177,7 @@ class Client:
         self.total_chunks = 0
         self._phase = _JOINING
         self._started = self._last_server = self._join_at = 0.0
-        self._outbox: list[Datagram] = []
+        self._outbox: list[Outgoing] = []
         self._report_at: float | None = None
         self._report_interval = 0
         self._report_what = 0
@@ -194,7 +196,7 @@ class Client:
     def done(self) -> bool:
         return self._phase == _DONE
 
-    def datagrams_to_send(self) -> list[Datagram]:
+    def outgoing(self) -> list[Outgoing]:
         out, self._outbox = self._outbox, []
         return out
 
@@ -243,25 +245,25 @@ class Client:
             self._last_server = max(self._last_server, now)  # the silence we caused does not count
             self._request(now, timedout=False)  # we may have stopped asking: resume now, not at the next idle tick
 
-    def datagram_received(self, data: bytes, source: tuple[str, int], now: float) -> list[Event]:
+    def receive(self, data: bytes, source: Address, now: float) -> list[Event]:
         """One UDP payload from source (ip, port)."""
         if self._phase == _DONE:
             return []
         ip, port = source[0], source[1]
         if self._phase == _RECEIVING:
             head = block_header(data)  # the fast path for what almost every datagram is
+            # accept_source for a BLOCK on a client is "the header names the sender and the port is ours".
             if head is not None and head[2] == self._server_raw and ip == self.server_ip and (
                 self.port is None or port == self.port
             ):
-                self._last_server = now
-                return self._got_block(head[0], head[1], memoryview(data)[BLOCK_DATA_OFFSET:], now)
+                return self.server_block(head[0], head[1], memoryview(data)[BLOCK_DATA_OFFSET:], now)
         try:
             msg, srcip = decode(data)
         except PacketError:
             self.stats.bad_packets += 1
             return []
-        if srcip != ip or (self.port is not None and port != self.port):
-            self.stats.bad_packets += 1  # frisbee's PacketReceive: the header must name the sender
+        if not accept_source(msg, srcip, ip, port, session_addr=self.session_addr, port=self.port, client=True):
+            self.stats.bad_packets += 1
             return []
         if self._phase == _JOINING:
             return self._join_reply(msg, srcip, now)
@@ -272,18 +274,27 @@ class Client:
             if not from_server:
                 self.stats.foreign_blocks += 1
                 return []
-            return self._got_block(msg.chunk, msg.block, msg.data, now)
+            return self.server_block(msg.chunk, msg.block, msg.data, now)
         if isinstance(msg, (Request, PRequest)):
             self._snoop(msg, now)
         elif isinstance(msg, Progress) and not msg.reply and from_server and msg.clientid in (0, self.clientid):
             self._progress_request(msg, now)
         return []  # JOINs and LEAVEs of other clients, replies: nothing to do
 
+    def server_block(self, chunk: int, block: int, payload, now: float) -> list[Event]:
+        """A BLOCK from our server (`server_ip` on `port`), its header already checked as block_header() does;
+        payload: its data (at least BLOCK_SIZE bytes, any bytes-like). Only while receiving: before the JOIN reply
+        and after Finished there is no server to take blocks from."""
+        if self._phase != _RECEIVING:
+            return []
+        self._last_server = now
+        return self._got_block(chunk, block, payload, now)
+
     # -----------------------------------------------------------------------------------------------------------
     # joining
 
     def _send(self, msg, to: str | None = None) -> None:
-        self._outbox.append(Datagram(encode(msg, self.myip), to))
+        self._outbox.append(Outgoing(encode(msg, self.myip), to))
 
     def _send_joins(self, now: float) -> None:
         # JOIN2 gives the exact size of any file; JOIN v1 is what older servers (and every frisbee) understand.

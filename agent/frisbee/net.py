@@ -1,5 +1,5 @@
-"""UDP sockets for frisbee, set up exactly as Emulab's frisbee/frisbeed set them up (network.c), and the
-packet-source rule of its PacketReceive.
+"""UDP sockets for frisbee, set up exactly as Emulab's frisbee/frisbeed set them up (network.c). (The rule on
+which datagrams to believe is packets.accept_source, applied by the engines.)
 
 The mode follows the address: 224.0.0.0/4 is multicast, `broadcast=True` is broadcast (255.255.255.255 narrowed to
 the interface's subnet broadcast when an interface is given), anything else is unicast (then the server's address
@@ -18,9 +18,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Literal
 
 from .. import linux
-from ..errors import NodeagentError
+from ..errors import AddressInUseError, NetworkError
 from ..netif import IPv4Interface, ipv4_interfaces
-from .packets import Block, Message, Progress
 
 MCAST_TTL = 5
 SOCKBUF = 1 << 20  # frisbee's SOCKBUFSIZE
@@ -36,16 +35,6 @@ Role = Literal["server", "client"]
 Mode = Literal["multicast", "broadcast", "unicast"]
 
 
-class NetworkError(NodeagentError):
-    """A frisbee socket could not be set up or used."""
-
-
-class AddressInUse(NetworkError):
-    """The port is taken. Exit status EADDRINUSE, as frisbeed's, so wrapper scripts can try another port."""
-
-    exit_status = errno.EADDRINUSE
-
-
 def is_multicast(addr: str) -> bool:
     return ipaddress.IPv4Address(addr).is_multicast
 
@@ -54,20 +43,6 @@ def mode_of(addr: str, broadcast: bool) -> Mode:
     if is_multicast(addr):
         return "multicast"  # a group address wins over -b, as in frisbee
     return "broadcast" if broadcast else "unicast"
-
-
-def accept_source(
-    msg: Message, hdr_ip: str, from_ip: str, from_port: int, *, session_addr: str, port: int, client: bool
-) -> bool:
-    """frisbee's PacketReceive rule: the header's srcip must be the UDP source address, and the UDP source port
-    the session port. Datagrams from the session address itself (newer clients sending from the group, or the
-    unicast peer) are taken at their header's word, except, on a client, BLOCKs and PROGRESS requests, which
-    only a server sends."""
-    if from_ip == session_addr:
-        server_only = isinstance(msg, Block) or (isinstance(msg, Progress) and not msg.reply)
-        if not (client and server_only):
-            from_ip = hdr_ip
-    return hdr_ip == from_ip and from_port == port
 
 
 # --- interfaces -------------------------------------------------------------------------------------------------------
@@ -187,7 +162,7 @@ def open_endpoint(
     with SO_REUSEADDR plus a socket on ifaddr:port that it sends from (so the source address is the interface,
     which servers check); other modes bind INADDR_ANY:port. loop: receive our own multicast (tests on one host).
     reuse_addr: SO_REUSEADDR on the main socket; default as frisbee (client in multicast mode only). Raises
-    NetworkError (AddressInUse when the port is taken)."""
+    NetworkError (AddressInUseError when the port is taken)."""
     group = _resolve(addr, "address")
     iface = _resolve(ifaddr, "interface address") if ifaddr else None
     if not 0 <= port < 65536 or (port == 0 and role == "client"):
@@ -287,5 +262,5 @@ def _bind(sock: socket.socket, ip: str, port: int) -> None:
         sock.bind((ip, port))
     except OSError as err:
         if err.errno == errno.EADDRINUSE:
-            raise AddressInUse(f"cannot bind {ip}:{port}: address already in use") from None
+            raise AddressInUseError(f"cannot bind {ip}:{port}: address already in use") from None
         raise NetworkError(f"cannot bind {ip}:{port}: {err.strerror}") from None

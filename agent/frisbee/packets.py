@@ -245,6 +245,34 @@ _DECODERS = {
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# who may send what
+
+
+def server_only(msg: Message) -> bool:
+    """Messages only a server sends: BLOCKs and PROGRESS requests."""
+    return isinstance(msg, Block) or (isinstance(msg, Progress) and not msg.reply)
+
+
+def accept_source(
+    msg: Message,
+    hdr_ip: str,
+    from_ip: str,
+    from_port: int,
+    *,
+    session_addr: str | None,
+    port: int | None,
+    client: bool,
+) -> bool:
+    """frisbee's PacketReceive rule, for clients and servers alike: the header's srcip must be the UDP source
+    address, and the UDP source port the session port (port None: not checked). Datagrams from the session
+    address itself (newer clients sending from the group, or the unicast peer) are taken at their header's word,
+    except, on a client, the messages only a server sends (session_addr None: no such exception)."""
+    if from_ip == session_addr and not (client and server_only(msg)):
+        from_ip = hdr_ip
+    return hdr_ip == from_ip and (port is None or from_port == port)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # validation shared by decode and encode
 
 

@@ -73,6 +73,7 @@ class FrisbeeSource:
         self._client = Client(
             self._endpoint.local_ip,
             port=self._endpoint.port,
+            session_addr=self._endpoint.dest[0],
             rng=rng,
             memory_mb=memory_mb,
             idle_timeout=idle_timeout,
@@ -156,10 +157,10 @@ class FrisbeeSource:
         try:
             with self._cond:
                 client.start(time.monotonic())
-                out = client.datagrams_to_send()
+                out = client.outgoing()
             while True:
-                for datagram in out:
-                    endpoint.send(datagram.data, datagram.to)
+                for data, dest in out:
+                    endpoint.send(data, dest)
                 with self._cond:
                     if self._stop or client.done:
                         return
@@ -171,7 +172,7 @@ class FrisbeeSource:
                     # Take what else is queued under one lock (a burst of blocks arrives together).
                     taken = 0
                     while got is not None:
-                        events += client.datagram_received(got[0], got[1], now)
+                        events += client.receive(got[0], got[1], now)
                         taken += 1
                         got = endpoint.recv(0) if taken < RECV_BATCH else None
                     now = time.monotonic()
@@ -179,7 +180,7 @@ class FrisbeeSource:
                         events += client.timer(now)
                     if self._progress is not None:
                         client.bytes_out = int(self._progress.done)
-                    out = client.datagrams_to_send()
+                    out = client.outgoing()
                     self._handle(events)
         except NodeagentError as err:
             self._fail(err)

@@ -6,6 +6,7 @@ zeros; JOIN2 tells clients the exact size) and sends them, and returns after idl
 
 from __future__ import annotations
 
+import math
 import os
 import stat
 import sys
@@ -14,13 +15,25 @@ import time
 from typing import Callable
 
 from ..errors import NodeagentError, SourceError
-from .net import Endpoint, accept_source, open_endpoint
-from .packets import BLOCK_SIZE, CHUNK_BYTES, PacketError, decode, encode, encode_block, total_blocks
-from .server import Pacing, Server
+from .net import Endpoint, open_endpoint
+from .packets import BLOCK_SIZE, CHUNK_BYTES, total_blocks
+from .server import (
+    BadPacket,
+    BlocksDue,
+    ClientJoined,
+    ClientLeft,
+    ClientReport,
+    ForgedSource,
+    Idle,
+    Pacing,
+    RequestOutsideFile,
+    Server,
+    SpuriousLeave,
+)
 
 MAX_FILE_BYTES = (2**31 - 1) * BLOCK_SIZE  # JOIN's block count is an int32
 READ_BLOCKS = 32  # blocks per pread, as frisbeed's SERVER_READ_SIZE
-RECV_BATCH = 64  # datagrams taken between two polls, so a flood of requests cannot starve sending
+RECV_BATCH = 64  # datagrams taken between two timer calls, so a flood of requests cannot starve sending
 BAD_PACKETS_LOGGED = 10
 STOP_CHECK = 0.1  # seconds between looks at the stop event while idle
 
@@ -62,11 +75,14 @@ def serve(
             log(pacing.describe())
             if on_ready is not None:
                 on_ready(endpoint)
-            server = Server(size, pacing=pacing, idle_timeout=idle_timeout, now=time.monotonic(), log=log)
+            server = Server(
+                size, endpoint.local_ip, port=endpoint.port, session_addr=endpoint.dest[0], pacing=pacing,
+                idle_timeout=idle_timeout, now=time.monotonic(),
+            )
             session = _Session(path, fd, size, endpoint, server, log)
             session.run(stop)
             log(f"Exiting: {session.summary()}")
-            return dict(session.server.stats, bad_packets=session.bad_packets)
+            return dict(server.stats)
     finally:
         os.close(fd)
 
@@ -92,12 +108,39 @@ def _open_file(path: str) -> tuple[int, int]:
     return fd, size
 
 
+def log_line(event) -> str | None:
+    """The log line of a server event (None: not one to log)."""
+    kind = type(event)
+    if kind is ClientJoined:
+        return f"{event.ip} (id {event.clientid}) joins (v{event.version}); {event.clients} active clients"
+    if kind is ClientLeft:
+        return (f"{event.ip} (id {event.clientid}): leaves, ran for {event.elapsed} seconds; "
+                f"{event.clients} active clients")
+    if kind is SpuriousLeave:
+        return f"{event.ip} (id {event.clientid}): spurious leave ignored"
+    if kind is ClientReport:
+        return (f"{event.ip} (id {event.clientid}): reports recv={event.chunks_in} decomp={event.chunks_out} "
+                f"written={event.bytes_out}")
+    if kind is RequestOutsideFile:
+        return f"{event.ip}: request for chunk {event.chunk} outside the file ({event.chunks} chunks) ignored"
+    if kind is BadPacket:
+        return f"bad packet from {event.source[0]}:{event.source[1]}: {event.reason}"
+    if kind is ForgedSource:
+        return f"bad message source {event.source[0]}:{event.source[1]} (header says {event.header_ip})"
+    if kind is Idle:
+        return "Last client left!" if event.idle_timeout < 0 else f"No requests for {event.idle_timeout:g} seconds"
+    return None
+
+
 class _Session:
+    """Drives the Server engine on real time: the socket, the file and the log."""
+
     def __init__(self, path: str, fd: int, size: int, endpoint: Endpoint, server: Server, log):
         self.path, self.fd, self.size = path, fd, size
         self.endpoint, self.server, self.log = endpoint, server, log
-        self.bad_packets = 0
+        self.bad_logged = 0
         self.started = time.monotonic()
+        self.over = False
 
     def run(self, stop: threading.Event | None) -> None:
         endpoint, server = self.endpoint, self.server
@@ -106,54 +149,49 @@ class _Session:
                 got = endpoint.recv(0)
                 if got is None:
                     break
-                self._handle(*got)
+                self._handle(server.receive(got[0], got[1], time.monotonic()))
             now = time.monotonic()
-            sends = server.poll(now)
-            if sends.done:
-                idle = server.idle_timeout
-                self.log("Last client left!" if idle < 0 else f"No requests for {idle:g} seconds")
+            if now >= server.next_deadline():
+                self._handle(server.timer(now))
+            for data, dest in server.outgoing():
+                endpoint.send(data, dest)
+            if self.over:
                 return
-            self._send_blocks(sends.blocks)
-            wait = None if sends.wake_at is None else sends.wake_at - time.monotonic()
+            deadline = server.next_deadline()
+            wait = None if deadline == math.inf else deadline - time.monotonic()
             if stop is not None:
                 wait = STOP_CHECK if wait is None else min(wait, STOP_CHECK)
             if wait is None or wait > 0:
                 got = endpoint.recv(wait)
                 if got is not None:
-                    self._handle(*got)
+                    self._handle(server.receive(got[0], got[1], time.monotonic()))
 
-    def _handle(self, datagram: bytes, source: tuple[str, int]) -> None:
-        try:
-            msg, hdr_ip = decode(datagram)
-        except PacketError as err:
-            self._bad(f"bad packet from {source[0]}:{source[1]}: {err}")
-            return
-        endpoint = self.endpoint
-        if not accept_source(msg, hdr_ip, source[0], source[1], session_addr=endpoint.dest[0],
-                             port=endpoint.port, client=False):
-            self._bad(f"bad message source {source[0]}:{source[1]} (header says {hdr_ip})")
-            return
-        for reply in self.server.receive(msg, hdr_ip, time.monotonic()):
-            endpoint.send(encode(reply, endpoint.local_ip))
+    def _handle(self, events: list) -> None:
+        for event in events:
+            kind = type(event)
+            if kind is BlocksDue:
+                self._send_blocks(event)
+                continue
+            if kind is Idle:
+                self.over = True
+            elif kind is ForgedSource or kind is BadPacket:
+                self.bad_logged += 1
+                if self.bad_logged > BAD_PACKETS_LOGGED:
+                    continue
+                if self.bad_logged == BAD_PACKETS_LOGGED:
+                    self.log(log_line(event) + "; not logging more")
+                    continue
+            line = log_line(event)
+            if line is not None:
+                self.log(line)
 
-    def _bad(self, why: str) -> None:
-        self.bad_packets += 1
-        if self.bad_packets <= BAD_PACKETS_LOGGED:
-            self.log(why + ("; not logging more" if self.bad_packets == BAD_PACKETS_LOGGED else ""))
-
-    def _send_blocks(self, blocks: list[tuple[int, int]]) -> None:
-        """Read consecutive blocks with one pread (at most READ_BLOCKS) and send them."""
-        i = 0
-        while i < len(blocks):
-            chunk, first = blocks[i]
-            n = 1
-            while n < READ_BLOCKS and i + n < len(blocks) and blocks[i + n] == (chunk, first + n):
-                n += 1
-            data = self._read(chunk * CHUNK_BYTES + first * BLOCK_SIZE, n * BLOCK_SIZE)
-            ip = self.endpoint.local_ip
-            for k in range(n):
-                self.endpoint.send(encode_block(chunk, first + k, data[k * BLOCK_SIZE : (k + 1) * BLOCK_SIZE], ip))
-            i += n
+    def _send_blocks(self, due: BlocksDue) -> None:
+        """Read the run with one pread per READ_BLOCKS blocks and hand the bytes to the engine."""
+        chunk, block, end = due.chunk, due.block, due.block + due.count
+        while block < end:
+            n = min(READ_BLOCKS, end - block)
+            self.server.send_blocks(chunk, block, self._read(chunk * CHUNK_BYTES + block * BLOCK_SIZE, n * BLOCK_SIZE))
+            block += n
 
     def _read(self, offset: int, length: int) -> bytes:
         want = min(length, self.size - offset)
@@ -173,6 +211,5 @@ class _Session:
         return (
             f"{s['blocks']} blocks sent in {time.monotonic() - self.started:.1f} s; {s['joins']} joins, "
             f"{s['leaves']} leaves, {s['requests']} requests ({s['merged']} merged, {s['dropped']} dropped), "
-            f"{self.bad_packets} bad packets"
+            f"{s['bad_packets']} bad packets"
         )
-
