@@ -597,6 +597,22 @@ def test_serve_drops_bad_packets_and_keeps_going(odd_file):
     assert (1, 0) not in got
 
 
+def test_serve_caps_the_log_of_requests_outside_the_file(odd_file):
+    path, data = odd_file
+    with serving(path, free_port(), bandwidth=0) as (client, result, lines):
+        for _ in range(25):
+            client.send(Request(9, 0, 1024))  # there is no chunk 9
+        for _ in range(3):
+            client.send(PRequest(0, 0, bytes(128)))  # an empty map: outside the file too
+        got = client.fetch(SIZE, [3])  # the server keeps serving meanwhile
+        time.sleep(0.1)
+    assert assemble(got, SIZE)[: SIZE - 3 * CHUNK_BYTES] == data[3 * CHUNK_BYTES :]
+    assert result["stats"]["ignored"] == 28
+    outside = [line for line in lines if "outside the file" in line]
+    assert len(outside) == 10 and outside[-1].endswith("; not logging more"), outside
+    assert not [line for line in lines if line.startswith("bad ")]  # a cap of its own
+
+
 def test_serve_returns_when_idle(odd_file):
     path, _ = odd_file
     port = free_port()

@@ -34,7 +34,7 @@ from .server import (
 MAX_FILE_BYTES = (2**31 - 1) * BLOCK_SIZE  # JOIN's block count is an int32
 READ_BLOCKS = 32  # blocks per pread, as frisbeed's SERVER_READ_SIZE
 RECV_BATCH = 64  # datagrams taken between two timer calls, so a flood of requests cannot starve sending
-BAD_PACKETS_LOGGED = 10
+BAD_PACKETS_LOGGED = 10  # and as many requests outside the file: a client (or a forger) cannot flood the log
 STOP_CHECK = 0.1  # seconds between looks at the stop event while idle
 
 
@@ -138,7 +138,7 @@ class _Session:
     def __init__(self, path: str, fd: int, size: int, endpoint: Endpoint, server: Server, log):
         self.path, self.fd, self.size = path, fd, size
         self.endpoint, self.server, self.log = endpoint, server, log
-        self.bad_logged = 0
+        self.logged = {BadPacket: 0, RequestOutsideFile: 0}  # capped kinds (ForgedSource counts as BadPacket)
         self.started = time.monotonic()
         self.over = False
 
@@ -174,11 +174,13 @@ class _Session:
                 continue
             if kind is Idle:
                 self.over = True
-            elif kind is ForgedSource or kind is BadPacket:
-                self.bad_logged += 1
-                if self.bad_logged > BAD_PACKETS_LOGGED:
+            elif kind is ForgedSource or kind is BadPacket or kind is RequestOutsideFile:
+                capped = RequestOutsideFile if kind is RequestOutsideFile else BadPacket
+                self.logged[capped] += 1
+                count = self.logged[capped]
+                if count > BAD_PACKETS_LOGGED:
                     continue
-                if self.bad_logged == BAD_PACKETS_LOGGED:
+                if count == BAD_PACKETS_LOGGED:
                     self.log(log_line(event) + "; not logging more")
                     continue
             line = log_line(event)
