@@ -270,6 +270,43 @@ def test_blocks_from_another_host_are_ignored():
     assert short.stats.bad_packets == 2 and not short._filling
 
 
+def test_the_session_address_is_taken_at_its_header_word_except_for_server_messages():
+    # packets.accept_source, as the server applies it: from the session address (here a unicast server's), the
+    # header names the sender; but BLOCKs and PROGRESS requests must come from the host their header names.
+    data = image_bytes(2 * MiB)
+    client = joined(len(data), session_addr=SERVER)
+    sent(client)
+    deliver(client, P.Request(1, 0, 1024), 0.01, src=SERVER, hdr_ip=OTHER)  # another client's, relayed
+    assert client._stamp[1] == 0.01 and client.stats.bad_packets == 0
+    deliver(client, block_of(data, 1, 0), 0.02, src=SERVER, hdr_ip=OTHER)
+    deliver(client, P.Progress(client.clientid, 0, 0, 1, 1, reply=False), 0.02, src=SERVER, hdr_ip=OTHER)
+    assert client.stats.bad_packets == 2 and not client._filling and sent(client) == []
+    # Without a session address nothing is taken at its header's word.
+    plain = joined(len(data))
+    deliver(plain, P.Request(1, 0, 1024), 0.01, src=SERVER, hdr_ip=OTHER)
+    assert plain.stats.bad_packets == 1 and plain._stamp[1] != 0.01
+
+
+def test_server_block_is_the_fast_path_seam():
+    """server_block(chunk, block, payload) takes what a fast path parsed itself, with the same effect as receive()."""
+    data = image_bytes(MiB + 3000)
+    fast, slow = joined(len(data)), joined(len(data))
+    before = Client(ME, port=PORT, rng=random.Random(1))
+    before.start(0.0)
+    assert before.server_block(0, 0, bytes(1024), 0.0) == [] and before.stats.blocks == 0  # no server yet
+    events_fast, events_slow = [], []
+    for chunk in (1, 0):
+        for b in range(P.chunk_blocks(len(data), chunk)):
+            block = block_of(data, chunk, b)
+            events_fast += fast.server_block(chunk, b, memoryview(block.data), 0.5)
+            events_slow += deliver(slow, block, 0.5)
+    assert events_fast == events_slow == [
+        ChunkComplete(1, data[MiB:].ljust(MiB, b"\0")), ChunkComplete(0, data[:MiB]), Finished()
+    ]
+    assert fast.stats == slow.stats and fast.stats.blocks == 1024 + 3
+    assert fast.server_block(0, 0, bytes(1024), 0.6) == [] and fast.stats.blocks == 1024 + 3  # done: not taken
+
+
 def test_idle_rerequest_backs_off_to_once_a_second_and_resets_on_blocks():
     data = image_bytes(4 * MiB)
     client = joined(len(data))

@@ -43,7 +43,9 @@ from agent.frisbee.packets import (
     total_chunks,
 )
 from agent.frisbee.serve import log_line, serve
-from agent.frisbee.server import CATCHUP, WIRE_BITS_PER_BLOCK, BlocksDue, Idle, Pacing, Server
+from agent.frisbee.server import (
+    CATCHUP, WIRE_BITS_PER_BLOCK, BadPacket, BlocksDue, ForgedSource, Idle, Pacing, Server,
+)
 from agent.netif import IPv4Interface, ipv4_interfaces
 from net_helpers import BROADCAST, lan
 
@@ -121,6 +123,19 @@ def test_join_replies_are_immediate_even_mid_burst():
     # The burst budget is spent until t=2 ms, but a JOIN is answered now, ahead of the queued blocks.
     assert ask(server, Join(1), IP, 0.0005) == [JoinReply(3 * 1024 + 5)]
     assert poll(server, 0.0005).blocks == []
+
+
+def test_garbage_and_forged_sources_are_dropped_and_counted():
+    server = make(SIZE, session_addr="239.1.1.1")
+    assert server.receive(b"garbage", (IP, PORT), 0) == [BadPacket((IP, PORT), "short datagram (7 bytes)")]
+    assert deliver(server, Join(1), "10.0.0.9", 0) != []  # any host may join...
+    assert server.receive(encode(Join(1), "10.0.0.9"), (IP, PORT), 0) == [ForgedSource((IP, PORT), "10.0.0.9")]
+    assert server.receive(encode(Request(0, 0, 1), IP), (IP, PORT + 1), 0) == [ForgedSource((IP, PORT + 1), IP)]
+    assert server.stats["bad_packets"] == 3 and server.stats["joins"] == 1 and pending(server) == 0
+    assert [decode(d.data)[0] for d in server.outgoing()] == [JoinReply(3 * 1024 + 5)]  # one reply, the join's
+    # From the session address, the header names the sender (packets.accept_source).
+    assert server.receive(encode(Request(0, 0, 1), "10.0.0.9"), ("239.1.1.1", PORT), 0) == []
+    assert pending(server) == 1 and server.stats["bad_packets"] == 3
 
 
 def test_echoes_of_server_traffic_are_ignored():
