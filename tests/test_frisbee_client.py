@@ -527,8 +527,10 @@ class Session:
                     if isinstance(event, BlocksDue):
                         start = event.chunk * MiB + event.block * 1024
                         data = self.data[start : start + event.count * 1024].ljust(event.count * 1024, b"\0")
-                        self.server.send_blocks(event.chunk, event.block, data)
-                busy |= self.from_server()
+                        for raw in self.server.send_blocks(event.chunk, event.block, data):
+                            busy = True
+                            for j in range(len(self.clients)):
+                                self.to_client(j, raw, SERVER)
         if all(self.finished):
             return
         deadlines = [c.next_deadline() for c in self.clients]
@@ -540,13 +542,11 @@ class Session:
                 for event in c.timer(self.now):
                     self.on_event(i, event)
 
-    def from_server(self) -> bool:
-        """Deliver what the server sends to every client; whether it sent anything."""
-        out = self.server.outgoing()
-        for d in out:
+    def from_server(self) -> None:
+        """Deliver the server's replies to every client."""
+        for d in self.server.outgoing():
             for j in range(len(self.clients)):
                 self.to_client(j, d.data, SERVER)
-        return bool(out)
 
     def run(self, until: float = 600.0) -> None:
         while not all(self.finished) and self.now < until:

@@ -33,6 +33,7 @@ from agent.frisbee.packets import (
     Leave2,
     PRequest,
     Progress,
+    PacketError,
     Request,
     accept_source,
     bitmap_of,
@@ -667,6 +668,15 @@ def test_endpoint_reports_the_bound_port_and_sockopts():
 def test_encode_block_is_encode_of_block():
     data = os.urandom(BLOCK_SIZE)
     assert encode_block(5, 17, data, "10.0.0.1") == encode(Block(5, 17, data), "10.0.0.1")
+
+
+def test_send_blocks_encodes_a_run():
+    data = os.urandom(3 * BLOCK_SIZE)
+    run = [encode(Block(2, 1021 + k, data[k * BLOCK_SIZE : (k + 1) * BLOCK_SIZE]), SERVER) for k in range(3)]
+    assert make().send_blocks(2, 1021, data) == run
+    for chunk, first, size in ((2, 1022, 3 * BLOCK_SIZE), (-1, 0, BLOCK_SIZE), (0, 0, BLOCK_SIZE + 1)):
+        with pytest.raises(PacketError):
+            make().send_blocks(chunk, first, bytes(size))  # past the chunk's end, a bad chunk, not whole blocks
 
 
 # --- interop: the real frisbee client against our server, in private network namespaces --------------------------

@@ -150,11 +150,11 @@ class _Session:
                 if got is None:
                     break
                 self._handle(server.receive(got[0], got[1], time.monotonic()))
+            for data, dest in server.outgoing():  # JOIN replies: ahead of any blocks
+                endpoint.send(data, dest)
             now = time.monotonic()
             if now >= server.next_deadline():
-                self._handle(server.timer(now))
-            for data, dest in server.outgoing():
-                endpoint.send(data, dest)
+                self._handle(server.timer(now))  # sends the blocks due
             if self.over:
                 return
             deadline = server.next_deadline()
@@ -188,11 +188,14 @@ class _Session:
                 self.log(line)
 
     def _send_blocks(self, due: BlocksDue) -> None:
-        """Read the run with one pread per READ_BLOCKS blocks and hand the bytes to the engine."""
+        """Read the run with one pread per READ_BLOCKS blocks and send the engine's BLOCK datagrams for them."""
         chunk, block, end = due.chunk, due.block, due.block + due.count
+        send = self.endpoint.send
         while block < end:
             n = min(READ_BLOCKS, end - block)
-            self.server.send_blocks(chunk, block, self._read(chunk * CHUNK_BYTES + block * BLOCK_SIZE, n * BLOCK_SIZE))
+            data = self._read(chunk * CHUNK_BYTES + block * BLOCK_SIZE, n * BLOCK_SIZE)
+            for datagram in self.server.send_blocks(chunk, block, data):
+                send(datagram)
             block += n
 
     def _read(self, offset: int, length: int) -> bytes:

@@ -33,7 +33,7 @@ from .packets import (
     chunk_blocks,
     decode,
     encode,
-    encode_block,
+    encode_blocks,
     total_blocks,
     total_chunks,
 )
@@ -188,8 +188,8 @@ class Server(Engine):
     """The scheduler of one served file of total_bytes bytes, a sans-I/O engine (agent/sansio.py).
 
     receive() takes every datagram that reaches the server's socket; JOIN replies go out at once (ahead of any
-    queued blocks, outside the rate limit). timer() hands out the paced blocks as BlocksDue events, whose bytes
-    the shell reads and gives back with send_blocks(); outgoing() then holds their BLOCK datagrams.
+    queued blocks, outside the rate limit) through outgoing(). timer() hands out the paced blocks as BlocksDue
+    events, whose bytes the shell reads and gives to send_blocks(), which returns their BLOCK datagrams.
     """
 
     def __init__(
@@ -320,13 +320,12 @@ class Server(Engine):
 
     # --- outgoing ----------------------------------------------------------------------------------------------------
 
-    def send_blocks(self, chunk: int, block: int, data: bytes) -> None:
-        """The bytes of a BlocksDue(chunk, block, count): count * BLOCK_SIZE of them (a short last block of the
-        file zero-padded). Queues their BLOCK datagrams."""
-        myip, out = self.myip, self._outbox
-        for k in range(len(data) // BLOCK_SIZE):
-            piece = data[k * BLOCK_SIZE : (k + 1) * BLOCK_SIZE]
-            out.append(Outgoing(encode_block(chunk, block + k, piece, myip), None))
+    def send_blocks(self, chunk: int, block: int, data: bytes) -> list[bytes]:
+        """The bytes of a BlocksDue(chunk, block, count), count * BLOCK_SIZE of them (a short last block of the
+        file zero-padded) -> their BLOCK datagrams, all for the session address. Returned rather than queued in
+        outgoing(), as h11's send() returns bytes: the hot path, where an Outgoing per block would cost more than
+        encoding the block."""
+        return encode_blocks(chunk, block, data, self.myip)
 
     def outgoing(self) -> list[Outgoing]:
         out, self._outbox = self._outbox, []
