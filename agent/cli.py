@@ -1,24 +1,81 @@
-"""The `nodeagent` command: parse arguments, call a library function, turn errors into one line and an exit status.
+"""The `nodeagent` command: parse arguments, call a library function, turn errors into one line and an exit status
+(agent/errors.py: one status per kind of failure; anything else is an internal error, exit 1).
 
-Flags follow the tools nodeagent replaces: imageunzip/frisbee for `image`, imagezip for `save`, imagedump for `info`.
+Flags follow the tools nodeagent replaces: imageunzip/frisbee for `image`, imagezip for `save`, imagedump for `info`,
+kexec-tools for `kexec`; like theirs (getopt permutes), flags may come before, between or after the positionals.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 
 from . import __version__
 from .errors import NodeagentError, UsageError
 
 MiB = 1 << 20
+MAX_SECONDS = 10**7  # about 115 days: past this a time flag is a typo, and select() would overflow
+
+
+class _IntermixedParser(argparse.ArgumentParser):
+    """A subcommand's parser that takes flags anywhere among the positionals, as getopt does.
+
+    argparse's parse_intermixed_args does not work through subparsers (the top parser calls the subcommand's
+    parse_known_args), so the subcommand's parser makes its own parse_known_args intermixed; the two passes
+    parse_known_intermixed_args makes inside go to the ordinary one."""
+
+    _intermixing = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._intermixing:
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = 0
+    if not 0 < port < 65536:
+        raise argparse.ArgumentTypeError(f"a port is 1..65535, not {text!r}")
+    return port
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and 0 <= value <= MAX_SECONDS):
+        raise argparse.ArgumentTypeError(f"seconds are a number from 0 to {MAX_SECONDS}, not {text!r}")
+    return value
+
+
+def _count(lo: int, hi: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = lo - 1
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"expected a whole number from {lo} to {hi}, not {text!r}")
+        return value
+
+    return parse
 
 
 def _frisbee_address(spec: str) -> tuple[str, int]:
     """ADDR:PORT of a frisbee://ADDR:PORT source."""
     host, _, port = spec[len("frisbee://") :].rstrip("/").rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise NodeagentError(f"{spec}: expected frisbee://ADDR:PORT")
+        raise UsageError(f"{spec}: expected frisbee://ADDR:PORT (PORT 1..65535)")
     return host, int(port)
 
 
@@ -29,10 +86,10 @@ def _image_source(args, progress):
     paths = args.paths
     if args.mcast_addr is not None or args.port is not None:
         if args.mcast_addr is None or args.port is None or len(paths) != 1:
-            raise NodeagentError("with -m ADDR -p PORT give only TARGET")
+            raise UsageError("with -m ADDR -p PORT give only TARGET")
         addr, port = args.mcast_addr, args.port
     elif len(paths) != 2:
-        raise NodeagentError("expected SOURCE TARGET (an .ndz file, -, or frisbee://ADDR:PORT)")
+        raise UsageError("expected SOURCE TARGET (an .ndz file, -, or frisbee://ADDR:PORT)")
     elif paths[0].startswith("frisbee://"):
         addr, port = _frisbee_address(paths[0])
     else:
@@ -49,42 +106,36 @@ def _image_source(args, progress):
 def _image(args) -> int:
     from .io.image import restore
     from .io.target import Target
-    from .progress import Progress
 
-    progress = Progress("written", quiet=args.quiet)
+    progress = args.progress
     source, target_path = _image_source(args, progress)
-    args.target = target_path
     try:
         target = Target(target_path, force=args.force)
     except BaseException:
         source.close()
         raise
+    failed = True
     try:
         result = restore(source, target, zero=args.zero, progress=progress)
-        zeroed = f", {result.zeroed_bytes / MiB:.1f} MiB zeroed" if args.zero else ""
-        progress.finish(
-            f"Wrote {result.data_bytes / MiB:.1f} MiB from {result.chunks} chunks to {args.target}{zeroed}"
-        )
+        failed = False
     finally:
-        target.close()
+        target.close(failed=failed)
         source.close()
+    zeroed = f", {result.zeroed_bytes / MiB:.1f} MiB zeroed" if args.zero else ""
+    progress.finish(f"Wrote {result.data_bytes / MiB:.1f} MiB from {result.chunks} chunks to {target_path}{zeroed}")
     return 0
 
 
 def _save(args) -> int:
     from .io.save import save
-    from .progress import Progress
 
     codec = "zstd" if args.zstd else "zlib"
     if args.level is not None:
         lo, hi = (0, 9) if codec == "zlib" else (1, 22)
         if not lo <= args.level <= hi:
-            raise NodeagentError(f"{codec} level must be {lo}..{hi}, not {args.level}")
-    progress = Progress("read", quiet=args.quiet)
-    result = save(
-        args.disk, args.dest, codec=codec, level=args.level, raw=args.raw, v5=args.v5, progress=progress,
-        warn=lambda msg: print(f"nodeagent save: warning: {msg}", file=sys.stderr),
-    )
+            raise UsageError(f"{codec} level must be {lo}..{hi}, not {args.level}")
+    progress = args.progress
+    result = save(args.disk, args.dest, codec=codec, level=args.level, raw=args.raw, v5=args.v5, progress=progress)
     if not args.quiet:
         for part in result.map.parts:
             print(
@@ -174,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="nodeagent", description="Orbit-PXE-3 node agent: image and save disks in Emulab .ndz format."
     )
     parser.add_argument("--version", action="version", version=f"nodeagent {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_IntermixedParser)
     sub.required = True
 
     p = sub.add_parser(
@@ -187,12 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="SOURCE: an .ndz file, - for stdin, or frisbee://ADDR:PORT; TARGET: a block device or regular file",
     )
     p.add_argument("-m", dest="mcast_addr", metavar="ADDR", help="frisbee server: multicast group, broadcast or server address")
-    p.add_argument("-p", dest="port", type=int, metavar="PORT", help="frisbee port")
+    p.add_argument("-p", dest="port", type=_port, metavar="PORT", help="frisbee port")
     p.add_argument("-i", dest="ifaddr", metavar="IFADDR", help="frisbee: address of the interface to use")
     p.add_argument("-b", dest="broadcast", action="store_true", help="frisbee: broadcast instead of multicast")
-    p.add_argument("-T", dest="timeout", type=float, default=0, metavar="S",
+    p.add_argument("-T", dest="timeout", type=_seconds, default=0, metavar="S",
                    help="frisbee: give up after S seconds of server silence (default 0: wait forever)")
-    p.add_argument("-M", dest="memory", type=int, default=32, metavar="MB", help="frisbee: memory for chunk buffers (default 32)")
+    p.add_argument("-M", dest="memory", type=_count(1, 1 << 20), default=32, metavar="MB", help="frisbee: memory for chunk buffers (default 32)")
     p.add_argument("-z", "--zero", action="store_true", help="fill free space with zeros (imageunzip -z)")
     p.add_argument("--force", action="store_true", help="write even if the target is mounted or in use")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
@@ -211,12 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve an image (any file) to frisbee clients (like frisbeed)")
     p.add_argument("file", metavar="FILE")
     p.add_argument("-m", dest="mcast_addr", metavar="ADDR", required=True, help="multicast group, broadcast, or the client's address")
-    p.add_argument("-p", dest="port", type=int, metavar="PORT", required=True)
+    p.add_argument("-p", dest="port", type=_port, metavar="PORT", required=True)
     p.add_argument("-i", dest="ifaddr", metavar="IFADDR", help="address of the interface to use")
     p.add_argument("-b", dest="broadcast", action="store_true", help="broadcast instead of multicast")
-    p.add_argument("-W", dest="bandwidth", type=int, default=None, metavar="BPS",
+    p.add_argument("-W", dest="bandwidth", type=_count(0, 10**12), default=None, metavar="BPS",
                    help="bandwidth in bits per second (default as frisbeed, about 73 Mbit/s; 0: unlimited)")
-    p.add_argument("-T", dest="timeout", type=float, default=1800, metavar="S",
+    p.add_argument("-T", dest="timeout", type=_seconds, default=1800, metavar="S",
                    help="exit after S seconds without requests (default 1800; 0: never)")
     p.set_defaults(run=_serve)
 
@@ -259,21 +310,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    from . import linux
+    from .io.blockfile import plug_standard_fds
 
-    linux.keep_big_buffers()
+    plug_standard_fds()  # before anything is opened: no file may land on a closed stdin/stdout
+    args = build_parser().parse_args(argv)
+    from . import linux
+    from .progress import Progress
+
+    # The one reporter of the run: progress lines, warnings and the final failure line, which carries the kind.
+    args.progress = Progress(
+        "read" if args.command == "save" else "written", quiet=getattr(args, "quiet", False), command=args.command
+    )
     try:
+        linux.keep_big_buffers()
         return args.run(args)
-    except NodeagentError as err:
-        print(f"nodeagent {args.command}: {err}", file=sys.stderr)
-        return err.exit_status
-    except KeyboardInterrupt:
-        print(f"nodeagent {args.command}: interrupted", file=sys.stderr)
-        return 130
     except BrokenPipeError:
         return 141
+    except (Exception, KeyboardInterrupt) as err:
+        if os.environ.get("NODEAGENT_DEBUG") == "1" and not isinstance(err, NodeagentError):
+            import traceback
+
+            traceback.print_exc()
+        return args.progress.fail(err)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ from collections.abc import Iterator
 from .io.sources import FileSource
 from .io.workers import default_workers, ordered_map
 from .ndz import codec
-from .ndz.header import SECTOR, ImageSummary, decode
+from .ndz.check import check_headers
+from .ndz.header import SECTOR, ChunkHeader, decode
 
 MiB = 1 << 20
 
@@ -25,13 +26,13 @@ def _check_chunk(item) -> None:
 
 
 def describe(path: str, regions: bool = False, check: bool = False) -> Iterator[str]:
+    """imagedump's description of the image at path; raises ImageFormatError (or SourceError) where restoring it
+    would be refused before the first write (any bad header, overlapping chunks, a truncated file)."""
     source = FileSource(path)
     try:
-        summary = ImageSummary()
         lines = []
-        for index, area in source.header_areas():
-            h = decode(area, index)
-            summary.add(h)
+
+        def describe_chunk(index: int, h: ChunkHeader) -> None:
             span = f"sectors [{h.first_sector}-{h.last_sector - 1}]" if h.first_sector is not None else "no sector range (V1)"
             relocs = f", relocations: {', '.join(f'{r.name}@{r.sector}' for r in h.relocs)}" if h.relocs else ""
             lines.append(
@@ -39,11 +40,13 @@ def describe(path: str, regions: bool = False, check: bool = False) -> Iterator[
                 f"{len(h.regions)} regions, {h.data_bytes} data bytes{relocs}"
             )
             if regions:
-                lines += [f"  region [{start}-{start + count - 1}] {count} sectors" for start, count in h.regions]
+                lines.extend(f"  region [{start}-{start + count - 1}] {count} sectors" for start, count in h.regions)
+
+        summary = check_headers(source.header_areas(), source.size, describe_chunk)
         versions = ", ".join(f"V{v}" for v in sorted(summary.versions))
         yield (
             f"{path}: {summary.chunks} chunks, {versions}, {'/'.join(sorted(summary.codecs))}, "
-            f"covered sector range [0-{summary.covered_end - 1}] ({summary.covered_end * SECTOR / MiB:.1f} MiB)"
+            f"covered sector range [0-{summary.covered_end_sector - 1}] ({summary.covered_end_sector * SECTOR / MiB:.1f} MiB)"
         )
         for image_id in sorted(summary.image_ids):
             h = image_id.hex()  # UUID text form (the uuid module would cost start-up time: it imports platform)

@@ -1,6 +1,9 @@
-"""Progress on stderr: one updating line on a TTY, a line every few seconds on a serial console.
+"""What a command reports on stderr: progress (one updating line on a TTY, a line every few seconds on a serial
+console), warnings, and the one final failure line.
 
-Non-TTY lines keep frisbee's `Progress: N%` form at their start, which controllers (OMF, rhubarbe) parse.
+Non-TTY lines keep frisbee's `Progress: N%` form at their start, which controllers (OMF, rhubarbe) parse. Warnings
+read `nodeagent CMD: warning: ...`, a failure `nodeagent CMD: ...` (its kind, agent/errors.py, is kept in
+`failure_kind` and becomes the exit status).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ class Progress:
         interval: float | None = None,
         quiet: bool = False,
         clock=time.monotonic,
+        command: str = "",
     ) -> None:
         self.stream = stream if stream is not None else sys.stderr
         self.tty = self.stream.isatty()
@@ -40,6 +44,8 @@ class Progress:
         self._last = self.started
         self.done = 0
         self.fraction: float | None = None
+        self.prefix = f"nodeagent {command}: " if command else "nodeagent: "
+        self.failure_kind: str | None = None
 
     def line(self) -> str:
         elapsed = max(self.clock() - self.started, 1e-9)
@@ -82,3 +88,28 @@ class Progress:
             elapsed = max(self.clock() - self.started, 1e-9)
             self.stream.write(f"{summary} in {elapsed:.1f} s ({self.done / elapsed / MiB:.1f} MiB/s)\n")
             self.stream.flush()
+
+    def _own_line(self, text: str) -> None:
+        """A line of its own, also when quiet; on a TTY the progress line is cleared first."""
+        if self.tty and not self.quiet:
+            self.stream.write("\r\x1b[K")
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def warn(self, message: str) -> None:
+        self._own_line(f"{self.prefix}warning: {message}")
+
+    def fail(self, err: BaseException) -> int:
+        """The final failure line for `err`; records its kind and returns its exit status (agent/errors.py)."""
+        from .errors import NodeagentError
+
+        if isinstance(err, NodeagentError):
+            message, self.failure_kind, status = " ".join(str(err).splitlines()), err.kind, err.exit_status
+        elif isinstance(err, KeyboardInterrupt):
+            message, self.failure_kind, status = "interrupted", "interrupted", 130
+        else:
+            detail = " ".join(str(err).split())
+            message = f"internal error: {type(err).__name__}{': ' + detail if detail else ''}"
+            self.failure_kind, status = "internal", 1
+        self._own_line(f"{self.prefix}{message}")
+        return status

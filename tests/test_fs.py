@@ -154,7 +154,9 @@ def test_ext_journal_needing_recovery_is_imaged_whole(tmp_path):
     incompat = struct.unpack_from("<I", data, 1024 + 0x60)[0]
     struct.pack_into("<I", data, 1024 + 0x60, incompat | 0x4)  # needs_recovery
     image.write_bytes(data)
-    assert scan_file(image) == DiskMap([(0, 65536)], [Part(0, 0, 65536, "raw", 65536)], "bare")
+    found = scan_file(image)
+    assert found == DiskMap([(0, 65536)], [Part(0, 0, 65536, "raw", 65536)], "bare")
+    assert found.warnings == ["the disk: ext4 needs journal recovery (not cleanly unmounted; run e2fsck); imaging it whole"]
 
 
 @needs_root
@@ -581,7 +583,9 @@ def test_two_filesystem_signatures_mean_imaging_it_whole(tmp_path):
     run("mkfs.ext4", "-q", "-F", image)
     disk = bytearray(image.read_bytes())
     disk[4086:4096] = b"SWAPSPACE2"  # a stale swap signature inside the ext4 boot block / group 0
-    assert scan_bytes(bytes(disk)) == raw_map(len(disk) // SECTOR)
+    found = scan_bytes(bytes(disk))
+    assert found == raw_map(len(disk) // SECTOR)
+    assert found.warnings == ["the disk: signatures of several filesystems (ext, swap); imaging it whole"]
 
 
 def check_scan_is_safe(data: bytes) -> None:

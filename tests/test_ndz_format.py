@@ -85,7 +85,7 @@ def test_zstd_chunks_have_a_magic_imageunzip_rejects():
 def test_v1_chunks_are_read():
     area = struct.pack("<IIiiii", magic_of(1), 50, 0, 3, 4096, 2) + struct.pack("<IIII", 0, 4, 10, 2)
     h = decode(area + bytes(4096 - len(area)))
-    assert (h.version, h.regions, h.first_sector, h.covered_end) == (1, ((0, 4), (10, 2)), None, 12)
+    assert (h.version, h.regions, h.first_sector, h.covered_end_sector) == (1, ((0, 4), (10, 2)), None, 12)
 
 
 def _raw(version, *fields, regions=(), relocs=b""):

@@ -64,7 +64,7 @@ def test_info_check_finds_a_corrupt_stream(tmp_path, run_cli):
     bad.write_bytes(bytes(data))
     assert run_cli("info", bad).returncode == 0  # headers are fine
     proc = run_cli("info", "-c", bad)
-    assert proc.returncode == 1 and "chunk 3" in proc.err and "Traceback" not in proc.err
+    assert proc.returncode == 3 and "chunk 3" in proc.err and "Traceback" not in proc.err  # ImageFormatError
 
 
 def test_fraction_from_other_units():

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from .. import resources
-from ..errors import NodeagentError
+from ..errors import ChecksumError
 from ..info import describe
 from ..io.image import restore
 from ..io.save import save
@@ -34,11 +34,14 @@ def _sha256(path: Path) -> str:
 
 def _restore(image: Path, disk: Path) -> None:
     disk.unlink(missing_ok=True)  # a new file: free space reads as zeros, as when the checksums were taken
-    source, target = FileSource(str(image)), Target(str(disk))
+    source = FileSource(str(image))
     try:
-        result = restore(source, target, progress=Progress("written", quiet=True))
+        target = Target(str(disk))
+        try:
+            result = restore(source, target, progress=Progress("written", quiet=True, command="demo"))
+        finally:
+            target.close()
     finally:
-        target.close()
         source.close()
     print(f"  restored {image.name} -> {disk}: {result.chunks} chunks, {result.data_bytes / MiB:.1f} MiB written")
 
@@ -57,12 +60,12 @@ def run_demo(folder: str) -> int:
     disk = work / "disk.img"
     _restore(image, disk)
     if _sha256(disk) != expected["disk_sha256"]:
-        raise NodeagentError(f"{disk} does not match the demo image's recorded checksum")
+        raise ChecksumError(f"{disk} does not match the demo image's recorded checksum")
     print(f"  sha256 matches the recorded one: {expected['disk_sha256'][:16]}...")
 
     print("2. save the restored disk (filesystem-aware):")
     resaved = work / "resaved.ndz"
-    result = save(str(disk), str(resaved), progress=Progress("read", quiet=True))
+    result = save(str(disk), str(resaved), progress=Progress("read", quiet=True, command="demo"))
     for part in result.map.parts:
         print(
             f"  partition {part.index}: {part.kind}, {part.allocated * 512 / MiB:.1f} of {part.count * 512 / MiB:.1f} MiB imaged"
@@ -76,7 +79,7 @@ def run_demo(folder: str) -> int:
     again = work / "disk-again.img"
     _restore(resaved, again)
     if _sha256(again) != expected["disk_sha256"]:
-        raise NodeagentError(f"{again} differs from {disk}: save and restore did not round-trip")
+        raise ChecksumError(f"{again} differs from {disk}: save and restore did not round-trip")
     print("  identical to the first restore")
     os.sync()
     print(f"demo OK. Try: nodeagent info {resaved}   |   sudo nodeagent image {resaved} /dev/sdX")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import stat
 import sys
 import threading
 import time
@@ -88,24 +87,13 @@ def serve(
 
 
 def _open_file(path: str) -> tuple[int, int]:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as err:
-        raise SourceError(f"{path}: {err.strerror}") from None
-    try:
-        mode = os.fstat(fd).st_mode
-        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
-            raise SourceError(f"{path}: not a regular file or block device")
-        size = os.lseek(fd, 0, os.SEEK_END)
-        if size > MAX_FILE_BYTES:
-            raise SourceError(f"{path}: {size} bytes is more than frisbee can serve ({MAX_FILE_BYTES})")
-    except OSError as err:
-        os.close(fd)
-        raise SourceError(f"{path}: {err.strerror}") from None
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd, size
+    from ..io.blockfile import open_block_file
+
+    file = open_block_file(path, os.O_RDONLY, SourceError)
+    if file.size > MAX_FILE_BYTES:
+        file.close()
+        raise SourceError(f"{path}: {file.size} bytes is more than frisbee can serve ({MAX_FILE_BYTES})")
+    return file.fd, file.size
 
 
 def log_line(event) -> str | None:

@@ -8,7 +8,6 @@ sit at the start of some groups (sparse_super, sparse_super2, meta_bg decide whi
 
 from __future__ import annotations
 
-import logging
 import struct
 from array import array
 from dataclasses import dataclass
@@ -17,7 +16,6 @@ from agent.errors import FilesystemError
 from agent.fs.ranges import Range, RangeSet, set_bit_runs
 from agent.fs.window import SECTOR, UnsupportedFilesystem, Window
 
-log = logging.getLogger(__name__)
 
 SUPERBLOCK_OFFSET = 1024
 SUPERBLOCK_SIZE = 1024

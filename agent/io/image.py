@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from ..errors import ImageFormatError
 from ..ndz import codec
+from ..ndz.check import check_headers, check_image_id, check_overlap
 from ..ndz.coverage import Coverage
 from ..ndz.header import SECTOR, ChunkHeader, ImageSummary, decode
 from ..progress import Progress
@@ -25,26 +26,17 @@ class RestoreResult:
     chunks: int = 0
     data_bytes: int = 0
     zeroed_bytes: int = 0
-    covered_end: int = 0  # bytes
+    covered_end_bytes: int = 0
     versions: set[int] = field(default_factory=set)
 
 
 def summarize(source: ChunkSource) -> ImageSummary | None:
-    """Decode and check every header of a seekable source; None if the source can only be read once."""
+    """Every header of a seekable source checked (agent.ndz.check) before anything is written; None if the source
+    can only be read once."""
     areas = source.header_areas()
     if areas is None:
         return None
-    summary = ImageSummary()
-    for index, area in areas:
-        header = decode(area, index)
-        _check_image_id(summary, header, index)
-        summary.add(header)
-    return summary
-
-
-def _check_image_id(summary: ImageSummary, header: ChunkHeader, index) -> None:
-    if header.image_id is not None and summary.image_ids and header.image_id not in summary.image_ids:
-        raise ImageFormatError(f"chunk {index}: belongs to another image (image id differs from the first chunk's)")
+    return check_headers(areas, getattr(source, "size", None))
 
 
 def gaps(header: ChunkHeader) -> Iterator[tuple[int, int]]:
@@ -98,6 +90,7 @@ def restore(
 ) -> RestoreResult:
     """Write every chunk of `source` to `target`. Raises on the first problem; returns totals on success."""
     workers = workers or default_workers()
+    progress = progress if progress is not None else Progress("written", quiet=True)
     result = RestoreResult()
     summary = summarize(source)
     preflight = getattr(source, "preflight", None)
@@ -105,15 +98,14 @@ def restore(
         # A network source fetches the image's last chunk first: its header tells how far the image reaches, so a
         # target that is too small is refused before anything is written.
         index, area = preflight()
-        result.covered_end = decode(area, index).covered_end_bytes
-        target.require(result.covered_end, "the image")
+        result.covered_end_bytes = decode(area, index).covered_end_bytes
+        target.require(result.covered_end_bytes, "the image")
     if summary is not None:
         if summary.chunks == 0:
             raise ImageFormatError(f"{source.name}: no chunks")
-        result.covered_end = summary.covered_end_bytes
-        target.require(result.covered_end, "the image")
-        if progress is not None:
-            progress.total = summary.data_bytes
+        result.covered_end_bytes = summary.covered_end_bytes
+        target.require(result.covered_end_bytes, "the image")
+        progress.total = summary.data_bytes
     seen = Coverage()
     first_ids: ImageSummary = ImageSummary()
 
@@ -124,18 +116,12 @@ def restore(
     def checked_chunks() -> Iterator[tuple[ChunkHeader, bytes, int]]:
         for index, chunk in source.header_areas() if load else source.chunks():
             header = decode(chunk, index)
-            _check_image_id(first_ids, header, index)
+            check_image_id(first_ids, header, index)
             first_ids.add(header)
-            for start, count in header.regions:
-                clash = seen.overlap(start, start + count)
-                if clash:
-                    raise ImageFormatError(
-                        f"chunk {index}: region at sector {start} overlaps sectors {clash[0]}-{clash[1] - 1} already written"
-                    )
-                seen.add(start, start + count)
+            check_overlap(seen, header, index)
             end = header.covered_end_bytes
             target.require(end, f"chunk {index}")
-            result.covered_end = max(result.covered_end, end)
+            result.covered_end_bytes = max(result.covered_end_bytes, end)
             result.versions.add(header.version)
             yield header, chunk, index
 
@@ -150,12 +136,12 @@ def restore(
         result.chunks += 1
         result.data_bytes += data
         result.zeroed_bytes += zeroed
-        if progress is not None:
-            total_chunks = getattr(source, "total_chunks", None) if summary is None else None
-            progress.update(result.data_bytes, result.chunks / total_chunks if total_chunks else None)
-    if zero and target.is_block and target.size > result.covered_end:
+        total_chunks = getattr(source, "total_chunks", None) if summary is None else None
+        progress.update(result.data_bytes, result.chunks / total_chunks if total_chunks else None)
+    if zero and target.is_block and target.size > result.covered_end_bytes:
         # As imageunzip -z: the rest of the device after the image is free space too.
-        target.zero(result.covered_end, target.size - result.covered_end)
-        result.zeroed_bytes += target.size - result.covered_end
-    target.finish()
+        target.zero(result.covered_end_bytes, target.size - result.covered_end_bytes)
+        result.zeroed_bytes += target.size - result.covered_end_bytes
+    for warning in target.finish():
+        progress.warn(warning)
     return result

@@ -8,17 +8,16 @@ imagezip does and asks for a piece to be split or recompressed when it must.
 from __future__ import annotations
 
 import os
-import stat
-import sys
 import zlib
 from dataclasses import dataclass
 
-from .. import fs, linux
-from ..errors import NodeagentError, SourceError
-from ..ndz import codec as codecs
+from .. import fs
+from ..errors import DestinationError, SourceError
+from ..ndz import codec as ndz_codec
 from ..ndz.chunker import ChunkPacker, Piece, PiecePlan, choose_version, extents_bytes, pack_piece, plan_pieces
 from ..ndz.header import SECTOR
 from ..progress import Progress
+from .blockfile import open_block_file, read_full, standard_fd, write_full
 from .target import busy_reason
 from .workers import default_workers, ordered_map
 
@@ -30,21 +29,16 @@ class Disk:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        try:
-            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as err:
-            raise SourceError(f"{path}: {err.strerror}") from None
-        st = os.fstat(self.fd)
-        if stat.S_ISBLK(st.st_mode):
-            self.size = linux.block_size_bytes(self.fd)
-            self.busy = busy_reason(path, st.st_rdev)
-        elif stat.S_ISREG(st.st_mode):
-            self.size = st.st_size
-            self.busy = None
-        else:
-            raise SourceError(f"{path}: not a block device or regular file")
+        self.file = open_block_file(path, os.O_RDONLY, SourceError)
+        self.fd, self.size = self.file.fd, self.file.size
         if self.size == 0:
+            self.file.close()
             raise SourceError(f"{path}: empty, nothing to save")
+        try:
+            self.busy = busy_reason(path, self.file.rdev) if self.file.is_block else None
+        except BaseException:
+            self.file.close()
+            raise
         self.sectors = -(-self.size // SECTOR)
 
     @property
@@ -54,21 +48,12 @@ class Disk:
         return (self.sectors - 1, rest) if rest else None
 
     def read(self, offset: int, size: int) -> bytes:
-        parts = []
-        want = size
-        while want:
-            try:
-                piece = os.pread(self.fd, want, offset)
-            except OSError as err:
-                raise SourceError(f"{self.path}: read at byte {offset} failed: {err.strerror}") from None
-            if not piece:
-                break
-            parts.append(piece)
-            offset += len(piece)
-            want -= len(piece)
-        data = b"".join(parts)
-        if want and offset >= self.size:  # the padding of a short last sector
-            data += bytes(want)
+        try:
+            data = read_full(self.fd, size, offset)
+        except OSError as err:
+            raise SourceError(f"{self.path}: read at byte {offset} failed: {err.strerror}") from None
+        if len(data) < size and offset + len(data) >= self.size:  # the padding of a short last sector
+            data += bytes(size - len(data))
         return data
 
     def read_extents(self, extents) -> bytes:
@@ -78,50 +63,54 @@ class Disk:
         return data
 
     def close(self) -> None:
-        os.close(self.fd)
+        self.file.close()
 
 
 class Sink:
-    """Where chunks go: a file written under a temporary name and renamed on success, or stdout."""
+    """Where chunks go: a file written under a temporary name (DEST.part) and renamed on success, or stdout."""
 
     def __init__(self, dest: str) -> None:
         self.dest = dest
-        if dest == "-":
-            self.fd = sys.stdout.fileno()
-            self.tmp = None
-        else:
-            self.tmp = f"{dest}.part"
-            try:
-                self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-            except OSError as err:
-                raise NodeagentError(f"{dest}: {err.strerror}") from None
         self.written = 0
+        self.file = None
+        if dest == "-":
+            self.fd = standard_fd(1, "stdout", DestinationError)
+            self.tmp = None
+            return
+        if os.path.isdir(dest):
+            raise DestinationError(f"{dest}: is a directory; give the image's file name")
+        self.tmp = f"{dest}.part"
+        self.file = open_block_file(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, DestinationError, block=False)
+        self.fd = self.file.fd
 
     def write(self, chunk: bytes) -> None:
-        view = memoryview(chunk)
-        while view:
-            try:
-                n = os.write(self.fd, view)
-            except OSError as err:
-                raise NodeagentError(f"{self.dest}: write failed: {err.strerror}") from None
-            view = view[n:]
+        try:
+            write_full(self.fd, chunk)
+        except OSError as err:
+            raise DestinationError(f"{self.dest}: write failed: {err.strerror}") from None
         self.written += len(chunk)
 
     def commit(self) -> None:
-        if self.tmp is None:
+        """Flush and rename DEST.part to DEST; on failure the caller's abort() removes DEST.part."""
+        if self.file is None:
             return
-        os.fsync(self.fd)
-        os.close(self.fd)
-        os.replace(self.tmp, self.dest)
+        try:
+            os.fsync(self.fd)
+            self.file.close()
+            os.replace(self.tmp, self.dest)
+        except OSError as err:
+            raise DestinationError(f"{self.dest}: {err.strerror}") from None
+        self.tmp = None
 
     def abort(self) -> None:
-        if self.tmp is None:
+        if self.file is None:
             return
-        os.close(self.fd)
-        try:
-            os.unlink(self.tmp)
-        except OSError:
-            pass
+        self.file.close()
+        if self.tmp is not None:
+            try:
+                os.unlink(self.tmp)
+            except OSError:
+                pass
 
 
 @dataclass
@@ -139,7 +128,7 @@ def _compress(disk: Disk, codec: str, level: int, extents, dict_extents=()) -> P
     data = disk.read_extents(extents)
     dictionary = disk.read_extents(dict_extents) if dict_extents else b""
     adler = zlib.adler32(data) if codec == "zlib" else 1
-    return Piece(tuple(extents), codecs.compress_piece(codec, level, data, dictionary), adler, len(dictionary))
+    return Piece(tuple(extents), ndz_codec.compress_piece(codec, level, data, dictionary), adler, len(dictionary))
 
 
 def save(
@@ -151,20 +140,22 @@ def save(
     v5: bool = False,
     progress: Progress | None = None,
     workers: int | None = None,
-    warn=None,
 ) -> SaveResult:
+    """Save the disk at disk_path to dest (a file, or - for stdout). Warnings go to progress.warn."""
     workers = workers or default_workers()
+    progress = progress if progress is not None else Progress("read", quiet=True)
     level = DEFAULT_LEVEL[codec] if level is None else level
     disk = Disk(disk_path)
-    if disk.busy and warn is not None:
-        warn(f"{disk_path} is {disk.busy}: files changing while it is read make an inconsistent image")
     try:
+        if disk.busy:
+            progress.warn(f"{disk_path} is {disk.busy}: files changing while it is read make an inconsistent image")
         disk_map = fs.raw_map(disk.sectors) if raw else fs.scan_disk(disk.read, disk.sectors)
+        for warning in disk_map.warnings:
+            progress.warn(warning)
         version = choose_version(disk.sectors, v5)
         packer = ChunkPacker(codec, level, version, disk.sectors, short_sector=disk.short_sector)
         total = extents_bytes(disk_map.ranges)
-        if progress is not None:
-            progress.total = total
+        progress.total = total
         sink = Sink(dest)
         try:
             done = 0
@@ -181,8 +172,7 @@ def save(
                 for chunk in packer.ready():
                     sink.write(chunk)
                 done += piece.nbytes
-                if progress is not None:
-                    progress.update(done)
+                progress.update(done)
             packer.finish()
             for chunk in packer.ready():
                 sink.write(chunk)

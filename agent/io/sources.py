@@ -1,4 +1,4 @@
-"""Chunk sources: where an image's 1 MiB chunks come from (a file or stdin here; frisbee and HTTP plug in the same way).
+"""Chunk sources: where an image's 1 MiB chunks come from (a file or stdin here; frisbee.receive has the network one).
 
 A source yields `(index, chunk_bytes)` in any order. A seekable source can also hand out every chunk's header area
 before any data is read, so the target can be checked against the whole image before the first write.
@@ -7,13 +7,12 @@ before any data is read, so the target can be checked against the whole image be
 from __future__ import annotations
 
 import os
-import stat
-import sys
 from collections.abc import Iterator
 from typing import Protocol
 
 from ..errors import SourceError
 from ..ndz.header import CHUNK_SIZE, HEADER_AREA
+from .blockfile import open_block_file, read_full, standard_fd
 
 
 class ChunkSource(Protocol):
@@ -31,57 +30,46 @@ class ChunkSource(Protocol):
     # def load(self, index: int, nbytes: int) -> bytes
 
 
-def _read_full(fd: int, size: int, offset: int | None = None) -> bytes:
-    """Read up to `size` bytes, retrying short reads (pipes deliver in small pieces); fewer only at EOF."""
-    parts = []
-    got = 0
-    while got < size:
-        piece = os.read(fd, size - got) if offset is None else os.pread(fd, size - got, offset + got)
-        if not piece:
-            break
-        parts.append(piece)
-        got += len(piece)
-    return b"".join(parts) if len(parts) != 1 else parts[0]
-
-
 class FileSource:
     """An .ndz file on disk: seekable, so headers can be checked first."""
 
     def __init__(self, path: str) -> None:
         self.name = path
-        try:
-            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as err:
-            raise SourceError(f"{path}: {err.strerror}") from None
-        st = os.fstat(self.fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise SourceError(f"{path}: not a regular file")
-        self.size = st.st_size
+        self.file = open_block_file(path, os.O_RDONLY, SourceError, block=False)
+        self.fd = self.file.fd
+        self.size = self.file.size
         if self.size == 0:
+            self.file.close()
             raise SourceError(f"{path}: empty file, not an image")
         self.count = -(-self.size // CHUNK_SIZE)
 
     def header_areas(self) -> Iterator[tuple[int, bytes]]:
         for index in range(self.count):
-            yield index, os.pread(self.fd, HEADER_AREA, index * CHUNK_SIZE)
+            yield index, self._read(HEADER_AREA, index * CHUNK_SIZE)
 
     def chunks(self) -> Iterator[tuple[int, bytes]]:
         for index in range(self.count):
-            yield index, _read_full(self.fd, CHUNK_SIZE, index * CHUNK_SIZE)
+            yield index, self._read(CHUNK_SIZE, index * CHUNK_SIZE)
 
     def load(self, index: int, nbytes: int) -> bytes:
         """The first `nbytes` of chunk `index` (fewer at the end of a truncated file)."""
-        return _read_full(self.fd, nbytes, index * CHUNK_SIZE)
+        return self._read(nbytes, index * CHUNK_SIZE)
+
+    def _read(self, size: int, offset: int) -> bytes:
+        try:
+            return read_full(self.fd, size, offset)
+        except OSError as err:
+            raise SourceError(f"{self.name}: read at byte {offset} failed: {err.strerror}") from None
 
     def close(self) -> None:
-        os.close(self.fd)
+        self.file.close()
 
 
 class StreamSource:
     """An image read once from a pipe (stdin): chunks in file order, headers checked as they come."""
 
     def __init__(self, fd: int | None = None, name: str = "stdin") -> None:
-        self.fd = sys.stdin.fileno() if fd is None else fd
+        self.fd = standard_fd(0, name, SourceError) if fd is None else fd
         self.name = name
 
     def header_areas(self) -> None:
@@ -91,7 +79,7 @@ class StreamSource:
         index = 0
         while True:
             try:
-                chunk = _read_full(self.fd, CHUNK_SIZE)
+                chunk = read_full(self.fd, CHUNK_SIZE)
             except OSError as err:
                 raise SourceError(f"{self.name}: {err.strerror}") from None
             if not chunk:

@@ -9,10 +9,10 @@ from __future__ import annotations
 import errno
 import os
 import stat
-import sys
 
 from .. import linux, linux_files
-from ..errors import LinuxError, TargetError
+from ..errors import LinuxError, TargetBusyError, TargetError, TargetTooSmallError
+from .blockfile import open_block_file, write_full
 
 ZERO_BLOCK = bytes(1 << 20)
 
@@ -37,12 +37,21 @@ def busy_reason(path: str, rdev: int) -> str | None:
     return None
 
 
-class Target:
-    """An open block device or regular file to write an image to."""
+MAX_FILE_BYTES = (1 << 63) - 1  # off_t: no Linux file or device reaches further
 
-    def __init__(self, path: str, force: bool = False, warn=None) -> None:
+
+class Target:
+    """An open block device or regular file to write an image to.
+
+    A regular file that does not exist yet is created only when the image has been accepted (the first `require`),
+    and `close(failed=True)` removes it again if nothing was written to it: a refused image leaves no file behind.
+    """
+
+    def __init__(self, path: str, force: bool = False) -> None:
         self.path = path
-        self.warn = warn or (lambda msg: print(f"nodeagent: warning: {msg}", file=sys.stderr))
+        self.file = None
+        self.created = False  # by us, in this run
+        self.wrote = False
         try:
             st = os.stat(path)
         except FileNotFoundError:
@@ -52,64 +61,81 @@ class Target:
         self.is_block = st is not None and stat.S_ISBLK(st.st_mode)
         if st is not None and not self.is_block and not stat.S_ISREG(st.st_mode):
             raise TargetError(f"{path}: not a block device or regular file")
-        flags = os.O_RDWR | os.O_CLOEXEC
+        if st is None:
+            parent = os.path.dirname(path) or "."
+            if not os.path.isdir(parent):
+                raise TargetError(f"{path}: No such file or directory")
+            if not os.access(parent, os.W_OK):
+                raise TargetError(f"{path}: Permission denied")
+            self.size = 0
+            self.limit = None  # a file grows to what the image covers
+            return
+        flags = os.O_RDWR
         if self.is_block:
             reason = busy_reason(path, st.st_rdev)
             if reason and not force:
-                raise TargetError(f"{path} is {reason}; refusing to write (use --force to override)")
+                raise TargetBusyError(f"{path} is {reason}; refusing to write (use --force to override)")
             if not force:
                 flags |= os.O_EXCL  # the kernel refuses this while anything holds the device
-        else:
-            flags |= os.O_CREAT
+        self._open(flags)
+        self.size = self.file.size
+        self.limit = self.size if self.is_block else None
+
+    def _open(self, flags: int) -> None:
         try:
-            self.fd = os.open(path, flags, 0o644)
-        except OSError as err:
-            if err.errno == errno.EBUSY:
-                raise TargetError(f"{path} is in use; refusing to write (use --force to override)") from None
-            raise TargetError(f"{path}: {err.strerror}") from None
-        if self.is_block:
-            self.size = linux.block_size_bytes(self.fd)
-            self.limit = self.size
-        else:
-            self.size = os.fstat(self.fd).st_size
-            self.limit = None  # a file grows to what the image covers
+            self.file = open_block_file(self.path, flags, TargetError)
+        except TargetError as err:
+            if getattr(err, "errno", None) == errno.EBUSY:
+                raise TargetBusyError(f"{self.path} is in use; refusing to write (use --force to override)") from None
+            raise
+
+    @property
+    def fd(self) -> int:
+        return self.file.fd
 
     # --- checks and growth -------------------------------------------------------------------------------------
 
     def require(self, end: int, what: str) -> None:
-        """Make sure bytes up to `end` can be written: refuse on a device that is too small, grow a file."""
+        """Make sure bytes up to `end` can be written: refuse on a device that is too small, grow a file (creating
+        it if it does not exist yet)."""
         if self.is_block:
             if end > self.size:
-                raise TargetError(f"{self.path}: {what} needs {end} bytes, the device has {self.size}")
-        elif end > self.size:
+                raise TargetTooSmallError(f"{self.path}: {what} needs {end} bytes, the device has {self.size}")
+            return
+        if end > MAX_FILE_BYTES:
+            raise TargetTooSmallError(f"{self.path}: {what} needs {end} bytes, more than any file can hold")
+        if self.file is None:
+            self._open(os.O_RDWR | os.O_CREAT | os.O_EXCL)
+            self.created = True
+        if end > self.size:
             try:
                 os.ftruncate(self.fd, end)  # extend only: a file target is never shrunk
             except OSError as err:
-                raise TargetError(f"{self.path}: cannot extend to {end} bytes: {err.strerror}") from None
+                error = TargetTooSmallError if err.errno in (errno.EFBIG, errno.ENOSPC) else TargetError
+                raise error(f"{self.path}: cannot extend to {end} bytes: {err.strerror}") from None
             self.size = end
 
     def _check(self, offset: int, length: int) -> None:
-        if offset < 0 or offset + length > self.size:
+        if self.file is None or offset < 0 or offset + length > self.size:
             raise TargetError(f"{self.path}: write of {length} bytes at {offset} is past the end ({self.size} bytes)")
 
     # --- writes ------------------------------------------------------------------------------------------------
 
     def write(self, data, offset: int) -> None:
         self._check(offset, len(data))
-        view = memoryview(data)
-        while view:
-            try:
-                written = os.pwrite(self.fd, view, offset)
-            except OSError as err:
-                raise TargetError(f"{self.path}: write at byte {offset} failed: {err.strerror}") from None
-            view = view[written:]
-            offset += written
+        self.wrote = True
+        try:
+            write_full(self.fd, data, offset)
+        except OSError as err:
+            error = TargetTooSmallError if err.errno in (errno.ENOSPC, errno.EFBIG) else TargetError
+            raise error(f"{self.path}: write at byte {offset} failed: {err.strerror}") from None
 
     def zero(self, offset: int, length: int) -> None:
         """Make [offset, offset+length) read back as zeros, as cheaply as the target allows."""
         if length <= 0:
             return
         self._check(offset, length)
+        self.wrote = True
         try:
             if self.is_block:
                 linux.zero_out(self.fd, offset, length)
@@ -125,22 +151,34 @@ class Target:
             offset += n
             length -= n
 
-    def finish(self) -> None:
-        """Flush to stable storage; on a device, drop its cache and have the kernel re-read the partition table."""
+    def finish(self) -> list[str]:
+        """Flush to stable storage; on a device, drop its cache and have the kernel re-read the partition table.
+        Returns warnings for the caller to report."""
+        if self.file is None:
+            return []
         try:
             os.fsync(self.fd)
         except OSError as err:
             raise TargetError(f"{self.path}: fsync failed: {err.strerror}") from None
         if not self.is_block:
-            return
+            return []
         linux.flush_buffers(self.fd)
         try:
             linux.reread_partitions(self.fd)
         except LinuxError as err:
             if err.errno == errno.EBUSY:
-                self.warn(f"{self.path}: the kernel could not re-read the partition table (device busy)")
-            elif err.errno != errno.EINVAL:  # EINVAL: a device without partitions (e.g. a loop device)
+                return [f"{self.path}: the kernel could not re-read the partition table (device busy)"]
+            if err.errno != errno.EINVAL:  # EINVAL: a device without partitions (e.g. a loop device)
                 raise TargetError(f"{self.path}: re-reading the partition table: {err}") from None
+        return []
 
-    def close(self) -> None:
-        os.close(self.fd)
+    def close(self, failed: bool = False) -> None:
+        """Close; after a failed run, remove the file this run created if nothing was written to it."""
+        if self.file is not None:
+            self.file.close()
+        if failed and self.created and not self.wrote:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+            self.created = False

@@ -21,6 +21,7 @@ HEADER_AREA = 4096  # DEFAULTREGIONSIZE
 CHUNK_MAX = CHUNK_SIZE - HEADER_AREA  # most compressed bytes a chunk can hold
 
 MAGIC_BASE = 0x69696969
+MAX_SECTOR_END = ((1 << 63) - 1) // SECTOR  # a byte offset past this does not fit off_t: no disk or file reaches it
 
 
 def magic_of(version: int) -> int:
@@ -102,7 +103,7 @@ class ChunkHeader:
         return sum(count for _, count in self.regions) * SECTOR
 
     @property
-    def covered_end(self) -> int:
+    def covered_end_sector(self) -> int:
         """First sector past everything this chunk describes."""
         ends = [start + count for start, count in self.regions]
         if self.last_sector is not None:
@@ -122,7 +123,7 @@ class ChunkHeader:
     @property
     def covered_end_bytes(self) -> int:
         """Bytes a target needs to hold this chunk: the covered end, unless the image ends in a short sector."""
-        full = self.covered_end * SECTOR
+        full = self.covered_end_sector * SECTOR
         if self.data_end_bytes < (self.regions[-1][0] + self.regions[-1][1]) * SECTOR and full == (
             self.regions[-1][0] + self.regions[-1][1]
         ) * SECTOR:
@@ -198,6 +199,8 @@ def decode(buf: bytes | memoryview, index: int | str = "?") -> ChunkHeader:
         if last is not None and prev_end > last:
             raise _fail(index, f"region {i} [{start}, {prev_end}) runs past the chunk's last sector {last}")
         regions.append((start, count))
+    if max(prev_end, last or 0) > MAX_SECTOR_END:
+        raise _fail(index, f"sector range ends at {max(prev_end, last or 0)}, past the 2^63 bytes any disk or file can hold")
 
     relocs = []
     for i in range(reloccount):
@@ -263,7 +266,7 @@ class ImageSummary:
     chunks: int = 0
     versions: set[int] = field(default_factory=set)
     codecs: set[str] = field(default_factory=set)
-    covered_end: int = 0  # sectors
+    covered_end_sector: int = 0
     covered_end_bytes: int = 0
     data_bytes: int = 0
     compressed_bytes: int = 0
@@ -273,7 +276,7 @@ class ImageSummary:
         self.chunks += 1
         self.versions.add(h.version)
         self.codecs.add(h.codec)
-        self.covered_end = max(self.covered_end, h.covered_end)
+        self.covered_end_sector = max(self.covered_end_sector, h.covered_end_sector)
         self.covered_end_bytes = max(self.covered_end_bytes, h.covered_end_bytes)
         self.data_bytes += h.data_bytes
         self.compressed_bytes += h.size
