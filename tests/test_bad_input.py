@@ -47,14 +47,36 @@ CASES = {
 }
 
 
+# Refused by what the headers and the file size show: before the first write.
+HEADER_LEVEL = {
+    "truncated-in-data", "wrong-magic", "regions-overflow", "relocs-overflow", "size-lies", "region-outside-chunk",
+    "unsorted-regions", "version-4", "not-an-image",
+}
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_image_file(case, tmp_path, run_cli):
     data, words = CASES[case]
     src = tmp_path / "bad.ndz"
     src.write_bytes(data)
     out = tmp_path / "out.img"
-    one_line_error(run_cli("image", src, out), *words)
-    assert not out.exists() or out.stat().st_size <= 16 << 20
+    proc = run_cli("image", src, out)
+    one_line_error(proc, *words)
+    assert proc.returncode == 3  # ImageFormatError
+    if case in HEADER_LEVEL:
+        assert not out.exists()  # not even created
+        # An existing target is left exactly as it was: not written, not grown.
+        out.write_bytes(b"\x77" * 4096)
+        one_line_error(run_cli("image", src, out), *words)
+        assert out.read_bytes() == b"\x77" * 4096
+
+
+def test_a_refusal_in_the_first_chunks_data_leaves_no_new_file(tmp_path, run_cli):
+    src = tmp_path / "bad.ndz"
+    src.write_bytes(mutated(4096 + 500_000, b"\xff" * 64)[:CHUNK_SIZE])  # one chunk; a corrupt stream, a fine header
+    out = tmp_path / "out.img"
+    one_line_error(run_cli("image", src, out), "chunk 0", "corrupt")
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("case", ["wrong-magic", "corrupt-stream", "regions-overflow", "truncated-in-data"])
@@ -81,6 +103,16 @@ def test_overlapping_chunks_are_refused(tmp_path, run_cli):
     src = tmp_path / "twice.ndz"
     src.write_bytes(GOOD[:CHUNK_SIZE] * 2)
     one_line_error(run_cli("image", src, tmp_path / "out.img"), "chunk 1", "overlaps")
+
+
+def test_an_image_concatenated_with_itself_is_refused_before_any_write(tmp_path, run_cli):
+    src = tmp_path / "twice.ndz"
+    src.write_bytes(GOOD * 2)
+    out = tmp_path / "out.img"
+    out.write_bytes(b"\x77" * 4096)
+    proc = run_cli("image", src, out)
+    one_line_error(proc, "chunk 3", "overlaps")
+    assert proc.returncode == 3 and out.read_bytes() == b"\x77" * 4096
 
 
 def test_mixed_images_are_refused(tmp_path, run_cli):
