@@ -7,8 +7,8 @@ import subprocess
 
 import pytest
 
-from agent.ndz.chunker import regions_of
 from agent.ndz.header import CHUNK_SIZE, decode
+from test_ndz_format import regions_of
 from conftest import FIXTURES, MANIFEST, loop_device, mounted, needs_root, sha256_file, tree_of
 
 FS_A = MANIFEST["fixtures"]["fsA"]

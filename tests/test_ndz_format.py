@@ -17,7 +17,6 @@ from agent.ndz.chunker import (
     Piece,
     pack_piece,
     plan_pieces,
-    regions_of,
     split_extents,
     tail_extents,
 )
@@ -35,6 +34,18 @@ from agent.ndz.header import (
 )
 
 # --- headers ------------------------------------------------------------------------------------------------------
+
+
+def regions_of(chunks) -> list[tuple[int, int]]:
+    """All regions of an image, merged where chunks continue each other."""
+    merged: list[list[int]] = []
+    for h in chunks:
+        for start, count in h.regions:
+            if merged and merged[-1][0] + merged[-1][1] == start:
+                merged[-1][1] += count
+            else:
+                merged.append([start, count])
+    return [tuple(r) for r in merged]
 
 
 def v3(regions=((0, 8),), first=0, last=100, size=1000, **kw) -> ChunkHeader:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from . import codec as codecs
@@ -285,15 +285,3 @@ def pack_piece(packer: ChunkPacker, piece: Piece, recompress: Callable[[Extents]
 def choose_version(total_sectors: int, want_v5: bool) -> int:
     """V3 unless asked for V5 or a sector number needs more than 32 bits."""
     return 5 if want_v5 or total_sectors >= 1 << 32 else 3
-
-
-def regions_of(chunks: Sequence[ChunkHeader]) -> list[tuple[int, int]]:
-    """All regions of an image, merged where chunks continue each other (for tests and `info`)."""
-    merged: list[list[int]] = []
-    for h in chunks:
-        for start, count in h.regions:
-            if merged and merged[-1][0] + merged[-1][1] == start:
-                merged[-1][1] += count
-            else:
-                merged.append([start, count])
-    return [tuple(r) for r in merged]
