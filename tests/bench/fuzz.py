@@ -4,7 +4,8 @@
 
 Each image case starts from a small valid image made here (1-3 chunks, V3 or V5, zlib or zstd, a few regions of
 mixed data, sometimes a short last sector), applies 1-3 mutations (header field set to an edge value, bytes flipped,
-the file cut, chunks repeated/swapped/dropped, the codec tag swapped, the stream replaced by a zip bomb) and runs it
+the file cut, chunks repeated/swapped/dropped, the codec tag swapped, the last sector pushed to the edge, the
+stream replaced by a zip bomb) and runs it
 through `info -c`'s path (describe) and `image`'s (restore from the file, or as stdin, into a new or an existing
 file target). Prints: cases, clean errors (by kind), tracebacks, hangs, writes outside the range the image's
 decodable headers cover, and leftover files (a target created by a run that failed before writing to it).
@@ -17,6 +18,7 @@ import argparse
 import collections
 import os
 import random
+import resource
 import shutil
 import signal
 import struct
@@ -41,6 +43,11 @@ from agent.ndz.header import CHUNK_SIZE, HEADER_AREA, RELOC_SHORTSECTOR, SECTOR,
 CASE_SECONDS = 20  # a case still running after this is a hang
 EDGE_INTS = [0, 1, -1, 2, 511, 512, 4095, 4096, 4097, CHUNK_SIZE - 1, CHUNK_SIZE, 2**31 - 1, -(2**31), 2**32 - 1,
              2**53, 2**54, 2**55 - 1, 2**62, 2**63 - 1, 2**64 - 1]
+
+
+# Where the fields that size and place things sit: size, regionsize, regioncount, V3 first/last sector, reloccount,
+# V5 first/last sector, the first V3 and V5 regions.
+FIELD_OFFSETS = [4, 16, 20, 24, 28, 32, 40, 48, 36, 40, 72, 80]
 
 
 class Hang(Exception):
@@ -71,6 +78,7 @@ class Report:
             f"  hangs: {len(self.hangs)}",
             f"  writes outside the covered range: {len(self.outside)}",
             f"  leftover files: {len(self.leftovers)}",
+            f"  peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB",
             f"datagram cases: {self.datagrams}",
             f"  accepted: {self.datagram_accepted}, clean errors: {self.datagram_clean}, "
             f"tracebacks: {len(self.datagram_tracebacks)}",
@@ -147,10 +155,10 @@ def mutate(rng: random.Random, image: bytes) -> bytes:
     data = bytearray(image)
     chunks = max(1, len(data) // CHUNK_SIZE)
     for _ in range(rng.randint(1, 3)):
-        op = rng.randrange(9)
+        op = rng.randrange(10)
         base = rng.randrange(chunks) * CHUNK_SIZE
         if op <= 2:  # a header field (4 or 8 bytes at a 4-byte boundary of the first 128) set to an edge value
-            offset = base + 4 * rng.randrange(32)
+            offset = base + (rng.choice(FIELD_OFFSETS) if rng.random() < 0.5 else 4 * rng.randrange(32))
             width = rng.choice((4, 8))
             value = rng.choice(EDGE_INTS) % (1 << (8 * width))
             data[offset : offset + width] = value.to_bytes(width, "little")
@@ -178,12 +186,16 @@ def mutate(rng: random.Random, image: bytes) -> bytes:
         elif op == 7:  # the codec tag swapped (zlib <-> zstd)
             if base + 4 <= len(data):
                 data[base + 3] = 0x69 if data[base + 3] == 0x7A else 0x7A
-        else:  # the stream replaced by a bomb; the header still claims its own few sectors
-            if base + HEADER_AREA <= len(data):
-                codec = "zstd" if data[base + 3] == 0x7A else "zlib"
-                bomb = _bomb(rng, codec)[: CHUNK_SIZE - HEADER_AREA]
-                struct.pack_into("<I", data, base + 4, len(bomb))
-                data[base + HEADER_AREA : base + HEADER_AREA + len(bomb)] = bomb
+        elif op == 9:  # the last sector (V3: 32 bits at 28, V5: 64 bits at 48) pushed to the edge of what fits
+            if data[base : base + 1] == b"\x6d" and base + 56 <= len(data):  # V5 ("miii"/"miiz")
+                struct.pack_into("<Q", data, base + 48, rng.choice(EDGE_INTS[-8:]) % (1 << 64))
+            elif base + 32 <= len(data):
+                struct.pack_into("<I", data, base + 28, rng.choice(EDGE_INTS[-10:]) % (1 << 32))
+        elif base + HEADER_AREA <= len(data):  # the stream replaced by a bomb; the header still claims its sectors
+            codec = "zstd" if data[base + 3] == 0x7A else "zlib"
+            bomb = _bomb(rng, codec)[: CHUNK_SIZE - HEADER_AREA]
+            struct.pack_into("<I", data, base + 4, len(bomb))
+            data[base + HEADER_AREA : base + HEADER_AREA + len(bomb)] = bomb
     return bytes(data)
 
 
