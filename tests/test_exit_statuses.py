@@ -247,3 +247,35 @@ def test_zip_bomb_is_refused_in_bounded_memory(cli_command, tmp_path):
     proc.err = proc.stderr.decode(errors="replace")
     status(proc, 3, "chunk 0", "more than the 512 bytes")
     assert not out.exists()
+
+
+def test_a_failed_rename_at_the_end_of_a_save_is_one_error_and_no_part_file(tmp_path):
+    """Sink.commit: the rename fails (DEST became a non-empty folder meanwhile): a DestinationError, not a raw
+    OSError, and abort() afterwards neither closes the fd twice nor leaves DEST.part."""
+    from agent.errors import DestinationError
+    from agent.io.save import Sink
+
+    dest = tmp_path / "x.ndz"
+    sink = Sink(str(dest))
+    sink.write(b"chunk" * 100)
+    dest.mkdir()
+    (dest / "keep").write_bytes(b"")
+    with pytest.raises(DestinationError, match="x.ndz"):
+        sink.commit()
+    sink.abort()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.ndz"]
+
+
+def test_refused_files_do_not_leak_their_fd(tmp_path):
+    from agent.errors import SourceError
+    from agent.io.save import Disk
+    from agent.io.sources import FileSource
+
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        for make, path in ((FileSource, empty), (Disk, empty), (FileSource, tmp_path), (Disk, "/dev/null")):
+            with pytest.raises(SourceError):
+                make(str(path))
+    assert len(os.listdir("/proc/self/fd")) == before
