@@ -14,10 +14,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from . import linux
-from .errors import LinuxError, NodeagentError
+from .errors import LinuxError, NetworkError, NodeagentError
 
 
-class NoInterfaceError(NodeagentError):
+class NoInterfaceError(NetworkError):
     """The named network interface does not exist (in this network namespace)."""
 
 
@@ -72,7 +72,7 @@ def _format_mac(data: bytes) -> str:
 def get_mac(name: str) -> str:
     """The MAC address of Ethernet interface `name` as "02:00:00:aa:bb:cc" (SIOCGIFHWADDR).
 
-    NoInterfaceError when there is no such interface; NodeagentError when it has no Ethernet address (tun,
+    NoInterfaceError when there is no such interface; NetworkError when it has no Ethernet address (tun,
     wireguard, ...).
     """
     try:
@@ -83,7 +83,7 @@ def get_mac(name: str) -> str:
     except LinuxError as err:
         raise _no_such(name, err) from None
     if family not in (linux.ARPHRD_ETHER, linux.ARPHRD_LOOPBACK):
-        raise NodeagentError(f"{name} has no Ethernet address (link type {family})")
+        raise NetworkError(f"{name} has no Ethernet address (link type {family})")
     return _format_mac(data[:6])
 
 

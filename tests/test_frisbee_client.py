@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from agent.errors import SourceError
+from agent.errors import NetworkError
 from agent.frisbee import packets as P
 from agent.frisbee.client import (
     ChunkComplete,
@@ -119,7 +119,7 @@ def test_join_v1_reply_gives_blockcount_times_1024():
 def test_join2_reply_with_other_block_sizes_is_refused():
     client = Client(ME, port=PORT, rng=random.Random(3))
     client.start(0.0)
-    with pytest.raises(SourceError, match="8192"):
+    with pytest.raises(NetworkError, match="8192"):
         deliver(client, P.Join2(client.clientid, 0, 128, 8192, MiB, reply=True), 0.1)
 
 
@@ -725,7 +725,7 @@ def test_frisbee_source_times_out_without_a_server():
     with lan(2) as (nobody, client_host):
         source = client_host.call(lambda: FrisbeeSource(nobody.addr, 5104, idle_timeout=1))
         start = time.monotonic()
-        with pytest.raises(SourceError, match=rf"^no packets from the frisbee server {nobody.addr}:5104 for 1 s$"):
+        with pytest.raises(NetworkError, match=rf"^no packets from the frisbee server {nobody.addr}:5104 for 1 s$"):
             source.preflight()
         assert 0.9 < time.monotonic() - start < 5
         source.close()

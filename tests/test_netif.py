@@ -70,7 +70,7 @@ def test_getmac_one_interface(ns, cli_command):
 @pytest.mark.parametrize("name", ["eth9", "x" * 40, "a/b"])
 def test_getmac_unknown_interface(ns, name, cli_command):
     proc = in_ns(ns, *cli_command, "getmac", name)
-    assert (proc.returncode, proc.stdout, proc.stderr) == (1, "", f"nodeagent getmac: no interface {name}\n")
+    assert (proc.returncode, proc.stdout, proc.stderr) == (6, "", f"nodeagent getmac: no interface {name}\n")
 
 
 def test_getmac_skips_interfaces_without_ethernet_address(ns, cli_command):
@@ -79,7 +79,7 @@ def test_getmac_skips_interfaces_without_ethernet_address(ns, cli_command):
     out = py_in_ns(ns, "from agent import netif; print(netif.macs())")
     assert "br9" in out and "tun0" not in out and "'lo'" not in out
     proc = in_ns(ns, *cli_command, "getmac", "tun0")
-    assert proc.returncode == 1 and proc.stderr.startswith("nodeagent getmac: tun0 has no Ethernet address")
+    assert proc.returncode == 6 and proc.stderr.startswith("nodeagent getmac: tun0 has no Ethernet address")
 
 
 def test_getmac_empty_namespace(cli_command):

@@ -37,7 +37,7 @@ import struct
 from dataclasses import dataclass
 from typing import Union
 
-from ..errors import SourceError
+from ..errors import NetworkError
 from ..sansio import Address, Engine, Outgoing
 from .packets import (
     BLOCK_DATA_OFFSET,
@@ -309,7 +309,7 @@ class Client(Engine):
             total = msg.blockcount * BLOCK_SIZE
         elif isinstance(msg, Join2) and msg.reply and msg.clientid == self.clientid:
             if msg.chunksize != BLOCKS_PER_CHUNK or msg.blocksize != BLOCK_SIZE:
-                raise SourceError(
+                raise NetworkError(
                     f"the frisbee server {srcip} sends {msg.chunksize} blocks of {msg.blocksize} bytes per chunk; "
                     f"only {BLOCKS_PER_CHUNK} x {BLOCK_SIZE} is supported"
                 )

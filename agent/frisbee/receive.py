@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 
-from ..errors import NodeagentError, SourceError
+from ..errors import NetworkError, NodeagentError, SourceError
 from ..ndz.header import HEADER_AREA
 from .client import ChunkComplete, Client, Finished, Joined, TimedOut
 from .net import Endpoint, open_endpoint
@@ -185,7 +185,7 @@ class FrisbeeSource:
         except NodeagentError as err:
             self._fail(err)
         except OSError as err:
-            self._fail(SourceError(f"{self.name}: {err.strerror or err}"))
+            self._fail(NetworkError(f"{self.name}: {err.strerror or err}"))
         except BaseException as err:  # a bug: still wake the consumer, with the cause in the message
             self._fail(SourceError(f"{self.name}: receiver failed: {type(err).__name__}: {err}"))
 
@@ -199,7 +199,7 @@ class FrisbeeSource:
             elif isinstance(event, Finished):
                 self._finished = True
             elif isinstance(event, TimedOut):
-                self._error = SourceError(
+                self._error = NetworkError(
                     f"no packets from the frisbee server {self._where} for {self._idle_timeout:g} s"
                 )
         if events:
