@@ -324,7 +324,10 @@ def encode_blocks(chunk: int, first: int, data: bytes, srcip: str) -> list[bytes
     count, rest = divmod(len(data), BLOCK_SIZE)
     if rest or not 0 <= chunk < 2**31 or not 0 <= first <= first + count <= BLOCKS_PER_CHUNK:
         raise PacketError(f"BLOCKs out of range: chunk {chunk} blocks {first}+{len(data) / BLOCK_SIZE:g}")
-    head, pack, view = _block_header(srcip), _BLOCK.pack, memoryview(data)
+    # One name per line: Nuitka 4.3.3 fails to clone a tuple assignment holding a memoryview() call.
+    head = _block_header(srcip)
+    pack = _BLOCK.pack
+    view = memoryview(data)
     return [
         b"".join((head, pack(chunk, first + k), view[k * BLOCK_SIZE : (k + 1) * BLOCK_SIZE])) for k in range(count)
     ]
