@@ -18,8 +18,16 @@ _closed_standard_fds: set[int] = set()
 
 def plug_standard_fds() -> None:
     """Remember which of stdin/stdout/stderr the command was started without, and put /dev/null there, so that no
-    file opened later lands on fd 0/1/2 (an image written to `-` would then go into the disk being read)."""
-    for fd in (0, 1, 2):
+    file opened later lands on fd 0/1/2 (an image written to `-` would then go into the disk being read).
+
+    The static binary's start-up (Nuitka) has already put /dev/null on a closed stdin/stdout/stderr by then, as
+    sys.stdin/stdout/stderr named "/dev/null"; an interpreter names them "<stdin>" ... whatever fd 0-2 hold."""
+    import sys
+
+    for fd, std in ((0, sys.stdin), (1, sys.stdout), (2, sys.stderr)):
+        if getattr(std, "name", None) == os.devnull:
+            _closed_standard_fds.add(fd)
+            continue
         try:
             os.fstat(fd)
         except OSError:
