@@ -15,6 +15,9 @@ import pytest
 FIXTURES = Path(__file__).parent / "fixtures" / "imagezip"
 MANIFEST = json.loads((FIXTURES / "manifest.json").read_text())
 ROOT = Path(__file__).resolve().parent.parent
+# The build side (static build, size accounting, initramfs builder) is a package of its own beside the product.
+if str(ROOT / "csrc") not in sys.path:
+    sys.path.insert(0, str(ROOT / "csrc"))
 
 
 def pytest_addoption(parser):

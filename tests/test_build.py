@@ -1,9 +1,8 @@
-"""build.py's size accounting (check-size) on real artefacts: a GNU ld map from linking a real program, Nuitka's
+"""The build side: the size accounting (check-size, csrc/staticbuild/sizes.py) on real artefacts: a GNU ld map from linking a real program, Nuitka's
 report format, the pyproject budget."""
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 
@@ -14,10 +13,9 @@ from conftest import ROOT
 
 @pytest.fixture(scope="module")
 def build():
-    spec = importlib.util.spec_from_file_location("nodeagent_build", ROOT / "build.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from staticbuild import sizes
+
+    return sizes
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +85,55 @@ def test_check_size_without_a_kernel_says_so_in_one_line(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("check-size: the node initramfs: cannot fetch Debian's kernel: no apt-get")
+
+
+@pytest.fixture(scope="module")
+def build_py():
+    """build.py itself, loaded as pip's backend loader would (from the checkout's top)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("nodeagent_build_py", ROOT / "build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_plain_build_py_with_options_is_the_static_build(build_py):
+    args = build_py.parse_args(["-v", "-j", "1"])
+    assert (args.command, args.verbose, args.jobs) == ("static", True, 1)
+    assert build_py.parse_args([]).command == "static"
+    assert build_py.parse_args(["check-size", "--top", "3"]).top == 3
+
+
+def test_purgatory_verbose_shows_its_commands():
+    proc = subprocess.run([sys.executable, ROOT / "build.py", "purgatory", "-f", "-v"], capture_output=True,
+                          text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert "gcc -c" in proc.stdout and "objcopy -O binary" in proc.stdout
+    quiet = subprocess.run([sys.executable, ROOT / "build.py", "purgatory", "-f"], capture_output=True, text=True,
+                           cwd=ROOT)
+    assert quiet.returncode == 0 and "gcc" not in quiet.stdout and "purgatory.bin" in quiet.stdout
+
+
+def test_wheel_builds_without_the_static_build_and_carries_none_of_it(tmp_path):
+    """pip's backend must import nothing of csrc/staticbuild: a copy of the checkout whose staticbuild package
+    fails on import still builds a wheel, and the wheel holds the agent package only."""
+    import shutil
+    import zipfile
+
+    tree = tmp_path / "src"
+    ignore = shutil.ignore_patterns("__pycache__", "*.so", "generated", "purgatory.bin")
+    for name in ("agent", "csrc"):
+        shutil.copytree(ROOT / name, tree / name, ignore=ignore)
+    for name in ("build.py", "pyproject.toml", "README.md", "LICENSE"):
+        shutil.copyfile(ROOT / name, tree / name)
+    (tree / "csrc" / "staticbuild" / "__init__.py").write_text("raise RuntimeError('the static build was imported')\n")
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", tmp_path / "wheel", tree],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    wheel, = (tmp_path / "wheel").glob("nodeagent-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "agent/cli.py" in names and any(n.startswith("agent/_linux") for n in names)
+    assert "agent/kexec/purgatory.bin" in names
+    assert [n for n in names if not n.startswith(("agent/", "nodeagent-"))] == []
+    assert not any("initramfs" in n or "staticbuild" in n or "cpio" in n for n in names)

@@ -7,7 +7,7 @@ import struct
 from pathlib import Path
 
 import pytest
-from agent.initramfs.debian_kernel import fetch_debian_kernel
+from staticbuild.debian_kernel import fetch_debian_kernel
 
 from agent.errors import NodeagentError
 from agent.kexec.bzimage import (

@@ -1,4 +1,4 @@
-"""agent.initramfs.cpio: archives written here are read back with GNU cpio (listing and extraction)."""
+"""staticbuild.cpio (the build side, csrc/staticbuild): archives written here are read back with GNU cpio (listing and extraction)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import NodeagentError
-from agent.initramfs.cpio import HEADER_SIZE, CpioError, CpioWriter
+from staticbuild import BuildError
+from staticbuild.cpio import HEADER_SIZE, CpioError, CpioWriter
 
 ROOT = os.geteuid() == 0
 
@@ -317,7 +317,7 @@ def test_errors():
     ]:
         with pytest.raises(CpioError, match=msg) as info:
             bad()
-        assert isinstance(info.value, NodeagentError) and "\n" not in str(info.value)
+        assert isinstance(info.value, BuildError) and "\n" not in str(info.value)
     w.close()
     with pytest.raises(CpioError, match="closed"):
         w.add_dir("b")

@@ -1,4 +1,4 @@
-"""agent.initramfs.build without a VM: layout, reproducibility, compression headers, module dependency order
+"""staticbuild.initramfs (csrc/staticbuild) without a VM: layout, reproducibility, compression headers, module dependency order
 (from a hand-written modules.dep). The boot test in tests/vm/ shows the kernel accepts the result."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import lzma
 
 import pytest
 
-from agent.errors import NodeagentError
-from agent.initramfs.build import InitramfsError, InitramfsSpec, ModuleTree, build_initramfs, write_cpio
+from staticbuild import BuildError
+from staticbuild.initramfs import InitramfsError, InitramfsSpec, ModuleTree, build_initramfs, write_cpio
 
 
 def names_in(cpio: bytes) -> list[str]:
@@ -75,7 +75,7 @@ def test_conflicts(tmp_path):
     spec.file("init/sub", data="x")  # a file below a file
     with pytest.raises(InitramfsError, match="'init' is not a directory"):
         write_cpio(spec, io.BytesIO())
-    assert issubclass(InitramfsError, NodeagentError)
+    assert issubclass(InitramfsError, BuildError)
     with pytest.raises(InitramfsError, match="compression"):
         build_initramfs(sample(tmp_path), tmp_path / "c", compression="bz2")
 

@@ -25,10 +25,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "csrc"))
 
-from agent.initramfs.debian_kernel import fetch_debian_kernel  # noqa: E402
-
-from agent.initramfs.build import InitramfsSpec, build_initramfs  # noqa: E402
+from staticbuild.debian_kernel import fetch_debian_kernel  # noqa: E402
+from staticbuild.initramfs import InitramfsSpec, build_initramfs  # noqa: E402
 from tests.vm.conftest import _static_busybox  # noqa: E402
 from tests.vm.harness import qemu_command, sh_init  # noqa: E402
 from tests.vm.pyruntime import add_agent, python_runtime  # noqa: E402

@@ -1,4 +1,4 @@
-"""Fixtures for tests that boot Debian's kernel in QEMU (TCG) with an initramfs built by agent.initramfs.build.
+"""Fixtures for tests that boot Debian's kernel in QEMU (TCG) with an initramfs built by staticbuild.initramfs.
 
     debian_kernel  -> DebianKernel(package, release, vmlinuz, modules)   (session; fetched once into the cache)
     qemu           -> Qemu(binary, busybox)     (session; installs qemu-system-x86 + busybox-static if missing)
@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from agent.initramfs.debian_kernel import DebianKernel, fetch_debian_kernel
+from staticbuild.debian_kernel import DebianKernel, fetch_debian_kernel
 
-from agent.initramfs.build import InitramfsSpec
+from staticbuild.initramfs import InitramfsSpec
 
 from .harness import VmResult, sh_init
 from .harness import boot_vm as _boot_vm

@@ -26,7 +26,7 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
-from agent import initramfs
+import staticbuild
 
 ROOT = Path(__file__).resolve().parents[2]
 PYVER = f"python{sys.version_info.major}.{sys.version_info.minor}"
@@ -56,7 +56,7 @@ runpy.run_module("agent", run_name="__main__")
 
 
 def cache_root() -> Path:
-    return initramfs.cache_root() / "python-runtime"
+    return staticbuild.cache_root() / "python-runtime"
 
 
 def _ldd(path: str) -> list[str]:

@@ -1,4 +1,4 @@
-"""Smoke test of the VM harness: Debian's kernel boots an initramfs built by agent.initramfs.build, /init loads
+"""Smoke test of the VM harness: Debian's kernel boots an initramfs built by staticbuild.initramfs, /init loads
 virtio_pci + virtio_blk (with their dependencies, in order) with busybox insmod, finds /dev/vda and reads back the
 marker the test wrote into the disk's first sector."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import lzma
 import secrets
 
-from agent.initramfs.build import build_initramfs
+from staticbuild.initramfs import build_initramfs
 
 from .harness import sh_init
 

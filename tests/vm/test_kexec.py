@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.initramfs.build import build_initramfs
+from staticbuild.initramfs import build_initramfs
 
 from .harness import sh_init
 from .pyruntime import add_agent, python_runtime

@@ -31,11 +31,11 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import NodeagentError
+from . import BuildError
 from .cpio import CpioWriter, _encode_name
 
 
-class InitramfsError(NodeagentError):
+class InitramfsError(BuildError):
     """The initramfs spec cannot be built (missing file, unknown module, conflicting entries)."""
 
 
@@ -150,7 +150,7 @@ class ModuleTree:
         self.release = self.root.name
         dep_file = self.root / "modules.dep"
         if not dep_file.is_file():
-            raise InitramfsError(f"{dep_file} is missing (run depmod, or agent.initramfs.build.write_modules_dep)")
+            raise InitramfsError(f"{dep_file} is missing (run depmod, or staticbuild.initramfs.write_modules_dep)")
         self.paths: dict[str, str] = {}
         self.deps: dict[str, list[str]] = {}  # module -> all dependencies, load-last first (depmod's order)
         for line in dep_file.read_text().splitlines():

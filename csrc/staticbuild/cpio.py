@@ -17,7 +17,7 @@ import os
 import stat
 from typing import BinaryIO
 
-from ..errors import NodeagentError
+from . import BuildError
 
 MAGIC = b"070701"
 TRAILER = "TRAILER!!!"
@@ -26,7 +26,7 @@ MAX_FIELD = 0xFFFFFFFF
 COPY_PIECE = 1 << 20
 
 
-class CpioError(NodeagentError):
+class CpioError(BuildError):
     """An entry cannot be put in a cpio archive (bad name, duplicate, too big, unsupported file type)."""
 
 

@@ -21,12 +21,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import NodeagentError
-from . import cache_root
-from .build import write_modules_dep
+from . import BuildError, cache_root
+from .initramfs import write_modules_dep
 
 
-class KernelFetchError(NodeagentError):
+class KernelFetchError(BuildError):
     pass
 
 
