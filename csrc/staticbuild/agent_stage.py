@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from . import DIST, ROOT
-from .pins import EMBEDDED_FILES, NUITKA_BYTECODE, NUITKA_NOFOLLOW, STATIC_STAGE_VERSION
+from .pins import EMBEDDED_FILES, NUITKA_BYTECODE, NUITKA_ENV, NUITKA_NOFOLLOW, STATIC_STAGE_VERSION
 from .stagecache import BuildLog, StaticBuildError, stage_key, static_cache_root
 
 
@@ -51,7 +51,7 @@ def build_agent(python_stage: Path, nuitka_stage: Path, sysroot: Path, verbose: 
     # below, the Nuitka options): the key of the binary in dist/ sits beside it.
     sources = sorted(p for p in (ROOT / "agent").rglob("*.py") if "__pycache__" not in p.parts)
     key = stage_key(STATIC_STAGE_VERSION, python_stage.name, nuitka_stage.name, sysroot.name, NUITKA_NOFOLLOW,
-                     NUITKA_BYTECODE, [str(p.relative_to(ROOT)) for p in sources], *sources,
+                     NUITKA_BYTECODE, NUITKA_ENV, [str(p.relative_to(ROOT)) for p in sources], *sources,
                      *[ROOT / "agent" / rel for rel in EMBEDDED_FILES])
     key_file = DIST / "nodeagent.key"
     outputs = [DIST / "nodeagent", DIST / "nodeagent.map", DIST / "nodeagent-report.xml"]
@@ -82,6 +82,7 @@ def build_agent(python_stage: Path, nuitka_stage: Path, sysroot: Path, verbose: 
         "PYTHONPATH": f"{nuitka_stage}:{build / 'stage'}",
         "PYTHONNOUSERSITE": "1",
         "NUITKA_CACHE_DIR": str(static_cache_root() / "nuitka-cache"),
+        **NUITKA_ENV,
     }
     cmd = [python, "-m", "nuitka", "--standalone", "--static-libpython=yes",
            "--python-flag=no_site,no_asserts,no_docstrings",

@@ -85,6 +85,10 @@ NUITKA_BYTECODE = ["agent.cli", "agent.kexec", "agent.fs", "agent.linux", "agent
                    "agent.demo", "agent.info", "agent.errors", "agent.resources", "agent._embedded", "agent.progress",
                    "agent.ndz.header", "agent.ndz.chunker", "agent.ndz.coverage", "agent.io.target",
                    "agent.io.sources", "agent.io.image", "agent.io.save"]
+# The environment Nuitka runs in. PYTHONNODEBUGRANGES: the code objects Nuitka compiles (and marshals into the
+# bytecode blob) carry line numbers but not 3.11's column ranges (PEP 657's carets in tracebacks, which a binary
+# without its sources cannot show anyway).
+NUITKA_ENV = {"PYTHONNODEBUGRANGES": "1"}
 EMBEDDED_FILES = ["kexec/purgatory.bin", "demo/demo.ndz", "demo/demo.json"]
 
 # The files of csrc/static each stage hashes into its key.
