@@ -77,6 +77,10 @@ NUITKA_NOFOLLOW = [
     "pkgutil", "pprint", "rlcompleter", "sched", "socketserver", "sre_compile", "sre_constants", "sre_parse",
     "stringprep", "symtable", "sysconfig", "uu", "webbrowser", "xdrlib",
     "tarfile", "zipfile", "gzip", "_compression", "pickle", "_compat_pickle", "tracemalloc",
+    # inspect and what only it imports (ast, dis, opcode): dataclasses writes no signature doc-strings with doc
+    # strings off (cpython-dataclasses-lazy-inspect.patch), Nuitka's start-up no longer asks for it
+    # (nuitka-no-inspect-at-startup.patch), and traceback draws no carets without column tables.
+    "inspect", "ast", "dis", "opcode",
 ]
 # Agent modules carried as bytecode instead of compiled to C (a fifth to a tenth of the size): all but the
 # per-packet frisbee code and the worker pool. Imaging and saving run Python once per 1 MiB chunk or 64 KiB
