@@ -3,6 +3,7 @@ csrc/static/Setup.local built in; the libpython3.11.a Nuitka links holds only ST
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from . import GENERATED_C, STATIC_SRC, CSRC
@@ -82,6 +83,9 @@ def _build_python(tmp: Path, final: Path, log: BuildLog, sysroot: Path, jobs: in
     src = extract(fetch_debian_tarball("python", log), work, log)
     for patch in CPYTHON_PATCHES:
         apply_patch(STATIC_SRC / patch, src, log)
+    # The frozen-module set is generated into Makefile.pre.in and Python/frozen.c by this script (CPython's
+    # `make regen-frozen` step): run it after cpython-frozen-bootstrap-only.patch changed its list.
+    log.run([sys.executable, src / "Tools" / "scripts" / "freeze_modules.py"], cwd=src)
 
     # Third-party and agent C sources go under Modules/ (makesetup cannot take absolute paths).
     mods = src / "Modules"
