@@ -137,3 +137,55 @@ def test_wheel_builds_without_the_static_build_and_carries_none_of_it(tmp_path):
     assert "agent/kexec/purgatory.bin" in names
     assert [n for n in names if not n.startswith(("agent/", "nodeagent-"))] == []
     assert not any("initramfs" in n or "staticbuild" in n or "cpio" in n for n in names)
+
+
+THREAD_EXIT_C = r"""
+#include <pthread.h>
+#include <stdio.h>
+static int cleaned;
+static void cleanup(void *arg) { (void)arg; cleaned++; }
+__attribute__((noinline)) static void deep(int n) {
+    if (n == 0)
+        pthread_exit((void *)42);  /* CPython's PyThread_exit_thread, from a thread woken during finalization */
+    deep(n - 1);
+    __asm__ volatile("");  /* not a tail call: every level stays on the stack */
+}
+static void *run(void *arg) {
+    pthread_cleanup_push(cleanup, arg);
+    deep(8);
+    pthread_cleanup_pop(0);
+    return 0;
+}
+int main(void) {
+    for (int i = 0; i < 200; i++) {
+        pthread_t t;
+        void *result = 0;
+        if (pthread_create(&t, 0, run, 0) || pthread_join(t, &result) || result != (void *)42)
+            return 1;
+    }
+    printf("exited %d\n", cleaned);
+    return 0;
+}
+"""
+
+
+def test_pthread_exit_through_code_without_unwind_tables(tmp_path):
+    """The binary's C (CPython, Nuitka's output) has no unwind tables (pins.NO_UNWIND_CFLAGS). pthread_exit is a
+    forced unwind under uClibc-ng: through frames without tables it must still end the thread, run its cleanup
+    handlers and hand pthread_join the value, with the static build's own sysroot and flags."""
+    from staticbuild import pins
+    from staticbuild.stagecache import static_cache_root
+    from staticbuild.sysroot import _sysroot_key
+
+    cc = static_cache_root() / f"sysroot-{_sysroot_key()}" / "bin" / "uclibc-gcc"
+    if not cc.exists():
+        pytest.skip("no static build sysroot in the cache (python build.py static makes it)")
+    (tmp_path / "t.c").write_text(THREAD_EXIT_C)
+    obj, exe = tmp_path / "t.o", tmp_path / "t"
+    subprocess.run([cc, *pins.PYTHON_CFLAGS.split(), "-c", "-o", obj, tmp_path / "t.c"], check=True,
+                   capture_output=True)
+    sections = subprocess.run(["readelf", "-SW", obj], capture_output=True, text=True, check=True).stdout
+    assert ".eh_frame" not in sections  # the thread's own frames have no unwind tables
+    subprocess.run([cc, "-o", exe, obj], check=True, capture_output=True)
+    proc = subprocess.run([exe], capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stdout) == (0, "exited 200\n"), proc.stderr

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from . import GENERATED_C, STATIC_SRC, CSRC
 from .pins import (AGENT_C_INPUTS, CPYTHON_PATCHES, DEBIAN_TARBALLS, PYTHON_CONFIGURE, PYTHON_FILES,
-                   PYTHON_NA_MODULES, SDISTS, STATIC_AGENT_MODULES, STATIC_CFLAGS, STATIC_ENCODINGS,
+                   PYTHON_NA_MODULES, SDISTS, STATIC_AGENT_MODULES, PYTHON_CFLAGS, STATIC_ENCODINGS,
                    STATIC_STAGE_VERSION)
 from .sources import apply_patch, extract, fetch_debian_tarball, fetch_sdist
 from .stagecache import BuildLog, StaticBuildError, cached_stage, stage_key
@@ -16,7 +16,7 @@ from .stagecache import BuildLog, StaticBuildError, cached_stage, stage_key
 
 def _python_key(sysroot_key: str) -> str:
     return stage_key("python", STATIC_STAGE_VERSION, sysroot_key, DEBIAN_TARBALLS["python"],
-                      SDISTS["cffi"], SDISTS["zstandard"], STATIC_CFLAGS, PYTHON_CONFIGURE, PYTHON_NA_MODULES,
+                      SDISTS["cffi"], SDISTS["zstandard"], PYTHON_CFLAGS, PYTHON_CONFIGURE, PYTHON_NA_MODULES,
                       STATIC_AGENT_MODULES, STATIC_ENCODINGS,
                       *[STATIC_SRC / f for f in PYTHON_FILES + CPYTHON_PATCHES],
                       *AGENT_C_INPUTS)
@@ -55,7 +55,7 @@ def _make_agent_libpython(prefix: Path, build: Path, cc: str, log: BuildLog) -> 
     work = build / "agent-libpython"
     work.mkdir()
     (work / "config.c").write_text(config)
-    log.run([cc, STATIC_CFLAGS, "-DPy_BUILD_CORE", f"-I{build / 'Include'}", f"-I{build / 'Include' / 'internal'}",
+    log.run([cc, *PYTHON_CFLAGS.split(), "-DPy_BUILD_CORE", f"-I{build / 'Include'}", f"-I{build / 'Include' / 'internal'}",
              f"-I{build}", "-c", work / "config.c", "-o", work / "config.o"])
     members = set(log.run(["ar", "t", full], capture=True).split())
     objects = {Path(o).name for m in dropped for o in modules[m]}
@@ -107,7 +107,7 @@ def _build_python(tmp: Path, final: Path, log: BuildLog, sysroot: Path, jobs: in
     shutil.copyfile(STATIC_SRC / "Setup.local", mods / "Setup.local")
 
     # OPT: configure's default without -g and -O3 (CFLAGS brings -Os)
-    env = {"CC": cc, "CFLAGS": STATIC_CFLAGS, "OPT": "-DNDEBUG -fwrapv -Wall", "LDFLAGS": "",
+    env = {"CC": cc, "CFLAGS": PYTHON_CFLAGS, "OPT": "-DNDEBUG -fwrapv -Wall", "LDFLAGS": "",
            "PKG_CONFIG_LIBDIR": "/nonexistent",
            "PKG_CONFIG_PATH": "", "LIBFFI_CFLAGS": "", "LIBFFI_LIBS": "-lffi", "ZLIB_CFLAGS": "", "ZLIB_LIBS": "-lz"}
     log.note("[python] configure CPython 3.11.2")

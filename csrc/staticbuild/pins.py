@@ -35,6 +35,13 @@ SDISTS = {
 }
 KERNEL_HEADER_DIRS = ["linux", "asm-generic", "mtd", "rdma", "sound", "video", "misc", "xen"]
 STATIC_CFLAGS = "-Os"
+# The C of CPython, its built-in modules and Nuitka's output carry no unwind tables (.eh_frame, 0.47 MB with its
+# index): nothing is C++, nothing throws, and the one forced unwind, pthread_exit (CPython ends a thread that
+# wakes during finalization with it), stops at the first frame without a table and jumps straight to the
+# thread's start, which is all it needs (uClibc-ng's unwind_stop; tests/test_binary.py's thread tests).
+# uClibc-ng and libgcc keep theirs: pthread_exit unwinds through them.
+NO_UNWIND_CFLAGS = "-fno-asynchronous-unwind-tables -fno-unwind-tables"
+PYTHON_CFLAGS = f"{STATIC_CFLAGS} {NO_UNWIND_CFLAGS}"
 # zlib is where saving spends its time (deflate of every byte saved): built as Debian builds it (-O3, UNALIGNED_OK:
 # x86 loads unaligned 16-bit words in longest_match), which costs ~30 KB and matches the distribution's zlib; at -Os
 # saving ran at 0.87x the package, at -O2 0.92x (tests/bench/bench_binary.py).
@@ -89,10 +96,10 @@ NUITKA_BYTECODE = ["agent.cli", "agent.kexec", "agent.fs", "agent.linux", "agent
                    "agent.demo", "agent.info", "agent.errors", "agent.resources", "agent._embedded", "agent.progress",
                    "agent.ndz.header", "agent.ndz.chunker", "agent.ndz.coverage", "agent.io.target",
                    "agent.io.sources", "agent.io.image", "agent.io.save"]
-# The environment Nuitka runs in. PYTHONNODEBUGRANGES: the code objects Nuitka compiles (and marshals into the
+# The environment Nuitka runs in (CCFLAGS: added to its compiler flags). PYTHONNODEBUGRANGES: the code objects Nuitka compiles (and marshals into the
 # bytecode blob) carry line numbers but not 3.11's column ranges (PEP 657's carets in tracebacks, which a binary
 # without its sources cannot show anyway).
-NUITKA_ENV = {"PYTHONNODEBUGRANGES": "1"}
+NUITKA_ENV = {"PYTHONNODEBUGRANGES": "1", "CCFLAGS": NO_UNWIND_CFLAGS}
 EMBEDDED_FILES = ["kexec/purgatory.bin", "demo/demo.ndz", "demo/demo.json"]
 
 # The files of csrc/static each stage hashes into its key.
