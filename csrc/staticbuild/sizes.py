@@ -103,18 +103,23 @@ def check_size(binary: Path, top: int = 25) -> int:
         return 2
     failures = []
     try:
-        initramfs, order = build_node_initramfs(binary, binary.parent / "initramfs.cpio.xz")
+        node = build_node_initramfs(binary, binary.parent / "initramfs.cpio.xz")
     except BuildError as err:  # no kernel to take the modules from, a module missing from it, ...
         print(f"check-size: the node initramfs: {err}", file=sys.stderr)
         return 1
     rows = [("binary (stripped)", binary, binary.stat().st_size, budget["binary"]),
-            (f"initramfs (.cpio.xz, {len(order)} modules)", initramfs, initramfs.stat().st_size, budget["initramfs"])]
-    print(f"{'what':<34} {'bytes':>11} {'budget':>11}  verdict")
+            (f"initramfs (.cpio.xz, {len(node.modules)} modules)", node.path, node.path.stat().st_size,
+             budget["initramfs"])]
+    print(f"{'what':<40} {'bytes':>11} {'budget':>11}  verdict")
     for what, path, size, limit in rows:
         ok = size <= limit
-        print(f"{what:<34} {size:>11,} {limit:>11,}  {'ok' if ok else 'OVER by %d' % (size - limit)}")
+        print(f"{what:<40} {size:>11,} {limit:>11,}  {'ok' if ok else 'OVER by %d' % (size - limit)}")
         if not ok:
             failures.append(f"{path} is {size:,} bytes, over its budget of {limit:,}")
+    # What a node loads over TFTP/HTTP at every boot: the kernel the modules come from, and the initramfs.
+    kernel_size = node.kernel.stat().st_size
+    print(f"{'kernel (' + node.kernel.name + ')':<40} {kernel_size:>11,}")
+    print(f"{'PXE payload (kernel + initramfs)':<40} {kernel_size + node.path.stat().st_size:>11,}")
     link_map = binary.with_name(binary.name + ".map")
     if link_map.is_file():
         print()
