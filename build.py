@@ -11,8 +11,11 @@
       python build.py ext          # build agent/_linux*.so in place (development)
       python build.py gen          # only emit csrc/generated/_linux.c
       python build.py purgatory    # assemble agent/kexec/purgatory.bin (also done by ext and the PEP 517 hooks)
-      python build.py static [-v] [-j N]   # dist/nodeagent, one static executable (plain `python build.py
-                                           # [-v] [-j N]` too); stages cached in ${NODEAGENT_CACHE:-~/.cache/nodeagent}/static
+      python build.py static [-v] [-j N]   # dist/nodeagent, one static executable; stages cached in
+                                           # ${NODEAGENT_CACHE:-~/.cache/nodeagent}/static
+      python build.py initramfs [--kernel VERSION|DIR] [--modules M1,M2]   # dist/initramfs.cpio.xz: /init is
+                                           # dist/nodeagent, plus the kernel modules of pyproject.toml
+      python build.py [-v] [-j N]  # both: static, then initramfs
       python build.py check-size   # dist/nodeagent and the node initramfs against the budget in pyproject.toml
 
   The static build, its size accounting and the initramfs builder live in ``csrc/staticbuild/`` (a package that
@@ -207,6 +210,27 @@ def cmd_static(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_initramfs(args: argparse.Namespace) -> int:
+    _staticbuild()
+    from staticbuild import BuildError
+    from staticbuild.node_initramfs import build_node_initramfs
+
+    modules = [m for m in (args.modules or "").split(",") if m]
+    try:
+        node = build_node_initramfs(Path(args.binary), Path(args.output), kernel=args.kernel,
+                                    extra_modules=modules)
+    except BuildError as err:
+        print(f"build.py initramfs: {err}", file=sys.stderr)
+        return 1
+    print(f"{node.path}: {node.path.stat().st_size:,} bytes (/init: {args.binary}, {len(node.modules)} modules)")
+    return 0
+
+
+def cmd_static_and_initramfs(args: argparse.Namespace) -> int:
+    """Plain `python build.py`: the binary, then the node initramfs around it."""
+    return cmd_static(args) or cmd_initramfs(args)
+
+
 def cmd_check_size(args: argparse.Namespace) -> int:
     _staticbuild()
     from staticbuild.sizes import check_size
@@ -293,6 +317,28 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="parallel compile jobs (default: %(default)s)")
     p.set_defaults(func=cmd_static)
 
+    def initramfs_options(p):
+        p.add_argument("--kernel", metavar="VERSION|DIR",
+                       help="the kernel whose modules go in: a Debian release (6.1.0-57-amd64), or a module tree "
+                            "(lib/modules/RELEASE, or a folder holding one); default: the VM tests' Debian kernel")
+        p.add_argument("--modules", metavar="M1,M2", help="modules to add to [tool.nodeagent.initramfs]'s "
+                                                           "(a site's NIC and disk drivers: e1000e,igb,ahci,nvme)")
+        p.add_argument("--binary", default=str(ROOT / "dist" / "nodeagent"), help="/init (default: %(default)s)")
+        p.add_argument("-o", "--output", default=str(ROOT / "dist" / "initramfs.cpio.xz"),
+                       help="default: %(default)s")
+
+    p = sub.add_parser("initramfs", help="build dist/initramfs.cpio.xz, the node's initramfs: /init is "
+                                         "dist/nodeagent, with the kernel modules of pyproject.toml")
+    initramfs_options(p)
+    p.set_defaults(func=cmd_initramfs)
+
+    p = sub.add_parser("all", help="static, then initramfs (what a plain `python build.py` does)")
+    p.add_argument("-v", "--verbose", action="store_true", help="show the build commands' output")
+    p.add_argument("-j", "--jobs", type=int, default=min(3, os.cpu_count() or 2), metavar="N",
+                   help="parallel compile jobs (default: %(default)s)")
+    initramfs_options(p)
+    p.set_defaults(func=cmd_static_and_initramfs)
+
     p = sub.add_parser("check-size", help="compare dist/nodeagent and the node initramfs with the budget in "
                                           "pyproject.toml; print the biggest contributors; guard excluded modules")
     p.add_argument("--binary", default=str(ROOT / "dist" / "nodeagent"), help="the executable (default: %(default)s)")
@@ -300,7 +346,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.set_defaults(func=cmd_check_size)
 
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
-        argv = ["static", *argv]  # plain `python build.py [-v] [-j N]`: the static executable
+        argv = ["all", *argv]  # plain `python build.py [-v] [-j N] ...`: the binary, then the initramfs
     return parser.parse_args(argv)
 
 

@@ -3,6 +3,7 @@ report format, the pyproject budget."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -98,10 +99,11 @@ def build_py():
     return module
 
 
-def test_plain_build_py_with_options_is_the_static_build(build_py):
+def test_plain_build_py_with_options_is_the_static_build_and_initramfs(build_py):
     args = build_py.parse_args(["-v", "-j", "1"])
-    assert (args.command, args.verbose, args.jobs) == ("static", True, 1)
-    assert build_py.parse_args([]).command == "static"
+    assert (args.command, args.verbose, args.jobs) == ("all", True, 1)  # static, then initramfs
+    assert build_py.parse_args([]).command == "all"
+    assert build_py.parse_args(["static", "-v"]).func is build_py.cmd_static
     assert build_py.parse_args(["check-size", "--top", "3"]).top == 3
 
 
@@ -189,3 +191,54 @@ def test_pthread_exit_through_code_without_unwind_tables(tmp_path):
     subprocess.run([cc, "-o", exe, obj], check=True, capture_output=True)
     proc = subprocess.run([exe], capture_output=True, text=True, timeout=60)
     assert (proc.returncode, proc.stdout) == (0, "exited 200\n"), proc.stderr
+
+
+def test_initramfs_command_with_a_module_tree(tmp_path):
+    """`python build.py initramfs --kernel DIR --modules ...`: /init is the binary itself, the modules of
+    pyproject plus the added ones with their dependencies (ext4's crc32c through its softdep), newc + xz with
+    CRC32, the same bytes twice."""
+    import lzma
+
+    from staticbuild.debian_kernel import cache_dir
+
+    trees = sorted(cache_dir().glob("linux-image-*/lib/modules/*/modules.dep"))
+    if not trees:
+        pytest.skip("no Debian kernel in the cache (the VM tests or check-size fetch one)")
+    pkgdir = trees[-1].parents[3]
+    binary = tmp_path / "nodeagent"
+    binary.write_bytes(b"\x7fELF" + os.urandom(4096))
+    outs = []
+    for name in ("a.cpio.xz", "b.cpio.xz"):
+        out = tmp_path / name
+        proc = subprocess.run([sys.executable, ROOT / "build.py", "initramfs", "--kernel", pkgdir, "--modules",
+                               "e1000e", "--binary", binary, "-o", out], capture_output=True, text=True, cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr
+        assert f"{out}: {out.stat().st_size:,} bytes" in proc.stdout
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]
+    assert outs[0][:6] == b"\xfd7zXZ\x00" and outs[0][7] == 0x01  # xz, check type CRC32 (stream flags)
+    listing = subprocess.run(["cpio", "-t", "--quiet"], input=lzma.decompress(outs[0]), capture_output=True,
+                             check=True).stdout.decode().split()
+    assert "init" in listing and "bin/nodeagent" in listing
+    assert any(p.endswith("/e1000e.ko") for p in listing) and any(p.endswith("/crc32c_generic.ko") for p in listing)
+    assert any(p.endswith("/modules.dep") for p in listing) and any(p.endswith("/modules.softdep") for p in listing)
+    work = tmp_path / "x"
+    work.mkdir()
+    subprocess.run(["cpio", "-id", "--quiet"], input=lzma.decompress(outs[0]), cwd=work, check=True)
+    assert (work / "init").read_bytes() == binary.read_bytes() and os.readlink(work / "bin" / "nodeagent") == "../init"
+    dep = next(work.glob("lib/modules/*/modules.dep")).read_text().splitlines()
+    loaded = [line.split(":")[0].rsplit("/", 1)[1] for line in dep]
+    assert loaded.index("crc32c_generic.ko") < loaded.index("ext4.ko")  # load order: softdep pre first
+
+
+def test_initramfs_command_refuses_in_one_line(tmp_path):
+    binary = tmp_path / "nodeagent"
+    binary.write_bytes(b"\x7fELF")
+    for args, words in ((["--kernel", tmp_path / "nosuch" / "dir"], "no such folder"),
+                        (["--kernel", tmp_path], "neither a module tree"),
+                        (["--kernel", "6.1 bad"], "is not a kernel release"),
+                        (["--modules", "e1000e,../x"], "is not a module name")):
+        proc = subprocess.run([sys.executable, ROOT / "build.py", "initramfs", "--binary", binary,
+                               "-o", tmp_path / "o.xz", *map(str, args)], capture_output=True, text=True, cwd=ROOT)
+        assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and words in proc.stderr, proc.stderr
+        assert not (tmp_path / "o.xz").exists()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import io
 import lzma
+import subprocess
 
 import pytest
 
@@ -96,6 +97,7 @@ def module_tree(tmp_path):
         f"{k}/net-failover.ko:\n"
     )
     (root / "modules.builtin").write_text("kernel/fs/ext4/ext4.ko\n")
+    (root / "modules.softdep").write_text("# Soft dependencies extracted from modules themselves.\n")
     return root
 
 
@@ -124,3 +126,53 @@ def test_modules_in_archive(module_tree):
 def test_missing_modules_dep(tmp_path):
     with pytest.raises(InitramfsError, match="modules.dep is missing"):
         ModuleTree(tmp_path)
+
+
+def _tree_with_ext4(tmp_path, softdep_file: bool):
+    """ext4 -> jbd2 (modules.dep), and ext4 asking for crypto-crc32c (softdep), which two modules provide."""
+    root = tmp_path / "lib" / "modules" / "6.1.0-test"
+    for rel in ("kernel/fs/ext4/ext4.ko", "kernel/fs/jbd2/jbd2.ko", "kernel/crypto/crc32c_generic.ko",
+                "kernel/arch/x86/crypto/crc32c-intel.ko", "kernel/lib/crc16.ko"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"not an ELF")
+    (root / "modules.dep").write_text(
+        "kernel/lib/crc16.ko:\nkernel/fs/jbd2/jbd2.ko:\nkernel/crypto/crc32c_generic.ko:\n"
+        "kernel/arch/x86/crypto/crc32c-intel.ko:\nkernel/fs/ext4/ext4.ko: kernel/fs/jbd2/jbd2.ko kernel/lib/crc16.ko\n")
+    (root / "modules.alias").write_text(
+        "# Aliases\nalias crypto-crc32c crc32c_intel\nalias crc32c crc32c_intel\n"
+        "alias crypto-crc32c crc32c_generic\nalias crc32c crc32c_generic\nalias fs-ext4 ext4\n")
+    if softdep_file:
+        (root / "modules.softdep").write_text("softdep ext4 pre: crypto-crc32c\nsoftdep jbd2 pre: crypto-crc32c\n")
+    return root
+
+
+def test_softdep_pre_modules_load_first(tmp_path):
+    """ext4's metadata_csum needs crc32c, which the kernel asks the crypto API for: modules.dep does not list it,
+    ext4's softdep does. The generic provider is taken (it loads on any CPU), before jbd2 and ext4."""
+    tree = ModuleTree(_tree_with_ext4(tmp_path, softdep_file=True))
+    assert tree.providers("crypto-crc32c") == ["crc32c_generic"]
+    assert tree.providers("crc32c-intel") == ["crc32c_intel"]
+    assert tree.resolve(["ext4"]) == ["crc16", "crc32c_generic", "jbd2", "ext4"]
+    spec = InitramfsSpec()
+    order = spec.modules(tree, ["ext4"])
+    assert [p.rsplit("/", 1)[1] for p in order] == ["crc16.ko", "crc32c_generic.ko", "jbd2.ko", "ext4.ko"]
+    base = b"lib/modules/6.1.0-test/"
+    dep = spec.entries[base + b"modules.dep"].data.decode().splitlines()
+    assert [line.split(":")[0].rsplit("/", 1)[1] for line in dep] == ["crc16.ko", "crc32c_generic.ko", "jbd2.ko",
+                                                                        "ext4.ko"]  # load order
+    assert spec.entries[base + b"modules.softdep"].data.decode() == (
+        "softdep jbd2 pre: crc32c_generic\nsoftdep ext4 pre: crc32c_generic\n")
+
+
+def test_softdeps_from_modinfo_without_modules_softdep(tmp_path):
+    """A tree without modules.softdep (an older cache): the softdeps come from each module's .modinfo."""
+    root = _tree_with_ext4(tmp_path, softdep_file=False)
+    src = tmp_path / "ext4.c"
+    src.write_text('__attribute__((section(".modinfo"), used)) static const char info[] = '
+                   '"license=GPL\\0softdep=pre: crypto-crc32c\\0depends=jbd2,crc16";\n')
+    for rel in ("kernel/fs/ext4/ext4.ko", "kernel/fs/jbd2/jbd2.ko", "kernel/lib/crc16.ko",
+                "kernel/crypto/crc32c_generic.ko"):
+        subprocess.run(["gcc", "-c", "-o", root / rel, src], check=True, capture_output=True)
+    tree = ModuleTree(root)
+    assert tree.resolve(["ext4"])[-1] == "ext4" and "crc32c_generic" in tree.resolve(["ext4"])
+    assert tree.resolve(["ext4"]).index("crc32c_generic") < tree.resolve(["ext4"]).index("ext4")

@@ -102,16 +102,19 @@ def _extract(package: str, cache: Path, members: list[str], into: Path) -> None:
                     raise  # else: another run got there first
 
 
-def fetch_debian_kernel(*, with_modules: bool = True) -> DebianKernel:
-    """The cached kernel (any linux-image-* already in the cache, newest name first), fetched if missing."""
+def fetch_debian_kernel(*, with_modules: bool = True, release: str | None = None) -> DebianKernel:
+    """The cached kernel (any linux-image-* already in the cache, newest name first), fetched if missing; or,
+    with `release` (6.1.0-57-amd64), the package linux-image-RELEASE."""
     cache = cache_dir()
-    cached = sorted(cache.glob("linux-image-*/boot/vmlinuz-*"))
+    if release is not None and not re.fullmatch(r"[0-9][0-9A-Za-z.+~-]*", release):
+        raise KernelFetchError(f"{release!r} is not a kernel release (such as 6.1.0-57-amd64)")
+    cached = sorted(cache.glob(f"linux-image-{release or '*'}/boot/vmlinuz-*"))
     if cached:
         vmlinuz = cached[-1]
         pkgdir = vmlinuz.parent.parent
         package = pkgdir.name
     else:
-        package = kernel_package()
+        package = f"linux-image-{release}" if release else kernel_package()
         pkgdir = cache / package
         _extract(package, cache, ["./boot/vmlinuz-*", "./boot/config-*"]
                  + (["./lib/modules/*"] if with_modules else []), pkgdir)

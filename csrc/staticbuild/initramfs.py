@@ -23,6 +23,7 @@ from the "depends=" fields of each module's .modinfo section, without depmod.
 
 from __future__ import annotations
 
+import fnmatch
 import gzip
 import lzma
 import os
@@ -93,6 +94,7 @@ def write_modules_dep(moddir) -> int:
     paths: dict[str, str] = {}  # module name -> path relative to moddir
     direct: dict[str, list[str]] = {}
     aliases: list[tuple[str, str]] = []
+    softdeps: list[tuple[str, str]] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         for fn in sorted(filenames):
@@ -106,6 +108,7 @@ def write_modules_dep(moddir) -> int:
             deps = [d for v in info.get("depends", []) for d in v.split(",") if d]
             direct[name] = [modname(d) for d in deps]
             aliases += [(a, name) for a in info.get("alias", [])]
+            softdeps += [(name, s) for s in info.get("softdep", [])]
     lines = []
     for name in sorted(paths, key=paths.get):
         order = _load_order([name], lambda n: direct.get(n, []))[:-1]  # dependencies first, without name
@@ -113,6 +116,8 @@ def write_modules_dep(moddir) -> int:
     _atomic_write(root / "modules.dep", "".join(line.rstrip() + "\n" for line in lines))
     _atomic_write(root / "modules.alias", "# Aliases extracted from modules themselves.\n"
                   + "".join(f"alias {a} {n}\n" for a, n in aliases))
+    _atomic_write(root / "modules.softdep", "# Soft dependencies extracted from modules themselves.\n"
+                  + "".join(f"softdep {n} {s}\n" for n, s in sorted(softdeps)))
     return len(paths)
 
 
@@ -164,6 +169,51 @@ class ModuleTree:
                 self.paths.setdefault(modname(d), d)
         builtin = self.root / "modules.builtin"
         self.builtin = {modname(x) for x in builtin.read_text().split()} if builtin.is_file() else set()
+        self.aliases: list[tuple[str, str]] = []  # (pattern, module), modules.alias
+        alias_file = self.root / "modules.alias"
+        for line in alias_file.read_text().splitlines() if alias_file.is_file() else ():
+            words = line.split()
+            if len(words) == 3 and words[0] == "alias":
+                self.aliases.append((words[1], modname(words[2])))
+        # module -> its softdep strings ("pre: a b post: c"): modules.softdep when the tree has one (depmod
+        # writes it; so does write_modules_dep), else each module's .modinfo, read when first asked for.
+        softdep_file = self.root / "modules.softdep"
+        self._softdeps: dict[str, list[str]] | None = None
+        if softdep_file.is_file():
+            self._softdeps = {}
+            for line in softdep_file.read_text().splitlines():
+                words = line.split(None, 2)
+                if len(words) == 3 and words[0] == "softdep":
+                    self._softdeps.setdefault(modname(words[1]), []).append(words[2])
+
+    def providers(self, name: str) -> list[str]:
+        """The modules of this tree a name stands for: the module itself, else those whose modules.alias
+        patterns match it (e.g. "crypto-crc32c": crc32c_generic and crc32c_intel). Of several, the generic
+        implementations only: they load on any CPU, where an accelerated one refuses a CPU without its
+        instructions and would fail the load."""
+        if modname(name) in self.paths:
+            return [modname(name)]
+        found = sorted({mod for pattern, mod in self.aliases if fnmatch.fnmatchcase(name, pattern)
+                        and mod in self.paths})
+        generic = [m for m in found if m.endswith("_generic")]
+        return generic or found
+
+    def soft_pre(self, name: str) -> list[str]:
+        """The modules a module asks to have loaded before it (softdep "pre:", e.g. ext4 and jbd2 ask for
+        crypto-crc32c, which metadata_csum needs and modules.dep does not list). "post:" ones are left out."""
+        if self._softdeps is not None:
+            entries = self._softdeps.get(name, [])
+        else:
+            entries = read_modinfo(self.path(name)).get("softdep", [])
+        pre: list[str] = []
+        for entry in entries:
+            where = "pre"
+            for word in entry.split():
+                if word in ("pre:", "post:"):
+                    where = word[:-1]
+                elif where == "pre":
+                    pre += [m for m in self.providers(word) if m != name and m not in pre]
+        return pre
 
     def resolve(self, names) -> list[str]:
         """Module names (as given, '-' or '_') in load order with all their dependencies; built-in modules are
@@ -176,8 +226,9 @@ class ModuleTree:
             elif m not in self.builtin:
                 raise InitramfsError(f"module {n!r} is neither in {self.root}/modules.dep nor built in")
         # modules.dep lists every dependency with the ones it needs after it: visiting in reverse list order
-        # and ordering by the full sets keeps every module after its dependencies.
-        return _load_order(wanted, lambda m: list(reversed(self.deps.get(m, []))))
+        # and ordering by the full sets keeps every module after its dependencies; a module's softdep "pre:"
+        # modules (with their own dependencies) come before it too.
+        return _load_order(wanted, lambda m: list(reversed(self.deps.get(m, []))) + self.soft_pre(m))
 
     def path(self, name: str) -> Path:
         return self.root / self.paths[modname(name)]
@@ -271,16 +322,20 @@ class InitramfsSpec:
                     raise InitramfsError(f"initramfs: {full}: cannot archive this file type")
 
     def modules(self, moddir, names, *, dest: str | None = None) -> list[str]:
-        """Copy the modules `names` and all their dependencies from the module tree `moddir`
-        (lib/modules/<release>) to dest (default lib/modules/<release>), with a modules.dep of just those.
-        Returns their archive paths in load order ("/lib/modules/.../virtio_ring.ko", ...)."""
+        """Copy the modules `names` and all their dependencies (softdep "pre:" ones included) from the module
+        tree `moddir` (lib/modules/<release>) to dest (default lib/modules/<release>), with a modules.dep of
+        just those, its lines in load order (a loader that goes down the file loads each module after what it
+        needs), and their modules.softdep lines. Returns their archive paths in load order
+        ("/lib/modules/.../virtio_ring.ko", ...)."""
         tree = moddir if isinstance(moddir, ModuleTree) else ModuleTree(moddir)
         dest = (dest or f"lib/modules/{tree.release}").strip("/")
         order = tree.resolve(names)
         for m in order:
             self.file(f"{dest}/{tree.paths[m]}", src=tree.path(m), mode=0o644)
         dep_lines = [f"{tree.paths[m]}: " + " ".join(tree.paths[d] for d in tree.deps.get(m, [])) for m in order]
-        self.file(f"{dest}/modules.dep", data="".join(line.rstrip() + "\n" for line in sorted(dep_lines)))
+        self.file(f"{dest}/modules.dep", data="".join(line.rstrip() + "\n" for line in dep_lines))
+        soft = [f"softdep {m} pre: {' '.join(pre)}\n" for m in order if (pre := tree.soft_pre(m))]
+        self.file(f"{dest}/modules.softdep", data="".join(soft))
         return [f"/{dest}/{tree.paths[m]}" for m in order]
 
 

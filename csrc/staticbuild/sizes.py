@@ -117,9 +117,10 @@ def check_size(binary: Path, top: int = 25) -> int:
         if not ok:
             failures.append(f"{path} is {size:,} bytes, over its budget of {limit:,}")
     # What a node loads over TFTP/HTTP at every boot: the kernel the modules come from, and the initramfs.
-    kernel_size = node.kernel.stat().st_size
-    print(f"{'kernel (' + node.kernel.name + ')':<40} {kernel_size:>11,}")
-    print(f"{'PXE payload (kernel + initramfs)':<40} {kernel_size + node.path.stat().st_size:>11,}")
+    if node.kernel is not None:
+        kernel_size = node.kernel.stat().st_size
+        print(f"{'kernel (' + node.kernel.name + ')':<40} {kernel_size:>11,}")
+        print(f"{'PXE payload (kernel + initramfs)':<40} {kernel_size + node.path.stat().st_size:>11,}")
     link_map = binary.with_name(binary.name + ".map")
     if link_map.is_file():
         print()
