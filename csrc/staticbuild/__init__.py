@@ -14,7 +14,7 @@ packages only agent*) nor the binary (Nuitka follows imports from agent.cli) car
     cpio.py          a reproducible newc cpio writer
     initramfs.py     an initramfs from a spec: files, devices, kernel modules with their dependencies
     debian_kernel.py Debian's kernel and modules (apt-get download, never installed)
-    node_initramfs.py  the node's initramfs: the binary and the modules of [tool.nodeagent.initramfs]
+    node_initramfs.py  the node's initramfs (build.py initramfs): the binary as /init, the modules of pyproject
 
 Stages, all but the last cached in ${NODEAGENT_CACHE:-~/.cache/nodeagent}/static/<stage>-<key>/, where key hashes
 every input of the stage (pins, tarball sha256s, flags, the files of csrc/static it uses, the key of the stage
