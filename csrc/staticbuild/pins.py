@@ -110,7 +110,8 @@ SYSROOT_FILES = ["uclibc.config", "uclibc-static-libdl.patch", "dl_find_object.c
 PYTHON_FILES = ["Setup.local", "zstd_backend_c.c", "agent_linux.c", "agent_linux_c.c", "agent_linux_prelude.h"]
 CPYTHON_PATCHES = ["cpython-ctypes-no-dlopen-null.patch", "cpython-idna-lazy-nameprep.patch",
                    "cpython-dataclasses-lazy-inspect.patch", "cpython-frozen-bootstrap-only.patch",
-                   "cpython-frozen-bootstrap-marshal.patch"]
+                   "cpython-frozen-bootstrap-marshal.patch", "cpython-runtime-init-once.patch",
+                   "cpython-freeze-no-column-tables.patch"]
 NUITKA_PATCHES = ["nuitka-safestrings-uclibc.patch", "nuitka-profiling-no-dlopen.patch",
                   "nuitka-no-inspect-at-startup.patch"]
 AGENT_C_INPUTS = [CSRC / "linux_cdef.h", CSRC / "linux.h", CSRC / "linux.c"]
