@@ -11,8 +11,6 @@ from .pins import (DEBIAN_TARBALLS, KERNEL_HEADER_DIRS, STATIC_CFLAGS, STATIC_ST
 from .sources import (apply_patch, extract, fetch_debian_tarball, fetch_uclibc, host_gcc_version,
                       linux_libc_dev_version)
 from .stagecache import BuildLog, StaticBuildError, cached_stage, stage_key
-SYSROOT_FILES = ["uclibc.config", "uclibc-static-libdl.patch", "dl_find_object.c", "uclibc-gcc.sh",
-                 "uclibc-gcc.specs"]
 
 
 def _sysroot_key() -> str:
