@@ -92,6 +92,11 @@ def _image_source(args, progress):
         raise UsageError("expected SOURCE TARGET (an .ndz file, -, or frisbee://ADDR:PORT)")
     elif paths[0].startswith("frisbee://"):
         addr, port = _frisbee_address(paths[0])
+    elif paths[0].lower().startswith(("http://", "https://")):
+        from .io.http_source import HttpSource
+
+        warn = (lambda msg: None) if args.quiet else (lambda msg: print(f"nodeagent image: {msg}", file=sys.stderr))
+        return HttpSource(paths[0], idle_timeout=args.timeout, sha256=args.sha256, warn=warn), paths[1]
     else:
         return open_source(paths[0]), paths[1]
     from .frisbee.receive import FrisbeeSource
@@ -235,14 +240,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "paths", nargs="+", metavar="SOURCE TARGET",
-        help="SOURCE: an .ndz file, - for stdin, or frisbee://ADDR:PORT; TARGET: a block device or regular file",
+        help="SOURCE: an .ndz file, - for stdin, frisbee://ADDR:PORT or http://HOST[:PORT]/PATH; TARGET: a block device or regular file",
     )
     p.add_argument("-m", dest="mcast_addr", metavar="ADDR", help="frisbee server: multicast group, broadcast or server address")
     p.add_argument("-p", dest="port", type=_port, metavar="PORT", help="frisbee port")
     p.add_argument("-i", dest="ifaddr", metavar="IFADDR", help="frisbee: address of the interface to use")
     p.add_argument("-b", dest="broadcast", action="store_true", help="frisbee: broadcast instead of multicast")
     p.add_argument("-T", dest="timeout", type=_seconds, default=0, metavar="S",
-                   help="frisbee: give up after S seconds of server silence (default 0: wait forever)")
+                   help="frisbee, http: give up after S seconds without progress (default 0: wait forever)")
+    p.add_argument("--sha256", metavar="HEX", help="http: the image's SHA-256, checked while streaming "
+                   "(default: URL.sha256 when the server has one)")
     p.add_argument("-M", dest="memory", type=_count(1, 1 << 20), default=32, metavar="MB", help="frisbee: memory for chunk buffers (default 32)")
     p.add_argument("-z", "--zero", action="store_true", help="fill free space with zeros (imageunzip -z)")
     p.add_argument("--force", action="store_true", help="write even if the target is mounted or in use")

@@ -97,9 +97,10 @@ def restore(
     if summary is None and preflight is not None:
         # A network source fetches the image's last chunk first: its header tells how far the image reaches, so a
         # target that is too small is refused before anything is written.
-        index, area = preflight()
-        result.covered_end_bytes = decode(area, index).covered_end_bytes
-        target.require(result.covered_end_bytes, "the image")
+        last = preflight()  # None: this source cannot fetch its last chunk first (an HTTP server without ranges)
+        if last is not None:
+            result.covered_end_bytes = decode(last[1], last[0]).covered_end_bytes
+            target.require(result.covered_end_bytes, "the image")
     if summary is not None:
         if summary.chunks == 0:
             raise ImageFormatError(f"{source.name}: no chunks")
