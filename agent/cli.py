@@ -156,6 +156,24 @@ def _save(args) -> int:
     return 0
 
 
+def _receive(args) -> int:
+    from .io.receive import receive
+
+    def log(msg: str) -> None:
+        print(f"nodeagent receive: {msg}", file=sys.stderr, flush=True)
+
+    result = receive(
+        args.file, args.client, args.port, ifaddr=args.ifaddr, timeout=args.timeout, idle=args.idle,
+        max_size=args.max_size, check=args.check, force=args.force, log=log,
+    )
+    print(
+        f"Received {result.chunks} chunks ({result.image_bytes / MiB:.1f} MiB, {result.data_bytes / MiB:.1f} MiB of "
+        f"data{', all inflated' if args.check else ''}) from {args.client} into {args.file} in {result.seconds:.1f} s",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def _serve(args) -> int:
     from .frisbee.serve import serve
 
@@ -258,13 +276,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("save", help="save a disk as an .ndz image, skipping free blocks (like imagezip)")
     p.add_argument("disk", metavar="DISK", help="a block device or disk image file")
-    p.add_argument("dest", metavar="DEST", help="the .ndz file to write, or - for stdout")
+    p.add_argument("dest", metavar="DEST", help="the .ndz file to write, - for stdout, tcp://HOST:PORT (one byte "
+                   "stream, as frisupload) or http://HOST[:PORT]/PATH (PUT, chunked)")
     p.add_argument("-z", "--level", type=int, metavar="N", help="compression level (zlib 0-9, default 4; zstd 1-22, default 3)")
     p.add_argument("-r", "--raw", action="store_true", help="image every sector, ignoring filesystems")
     p.add_argument("--zstd", action="store_true", help="zstd chunks (nodeagent extension: faster, not readable by imageunzip)")
     p.add_argument("--v5", action="store_true", help="version 5 chunks (64-bit sectors, image id) even for small disks")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.set_defaults(run=_save)
+
+    p = sub.add_parser("receive", help="receive one image upload over TCP, kept only if whole (like frisuploadd)")
+    p.add_argument("file", metavar="FILE", help="where to keep the image (written as FILE.part until complete)")
+    p.add_argument("-m", dest="client", metavar="CLIENT", required=True, help="the address allowed to upload")
+    p.add_argument("-p", dest="port", type=int, metavar="PORT", required=True, help="TCP port to listen on")
+    p.add_argument("-i", dest="ifaddr", metavar="IFADDR", help="local address to listen on (default: all)")
+    p.add_argument("-T", dest="timeout", type=float, default=0, metavar="S",
+                   help="the most seconds the whole upload may take (default 0: no limit)")
+    p.add_argument("-I", dest="idle", type=float, default=0, metavar="S",
+                   help="the most seconds without data (default 0: no limit)")
+    p.add_argument("-s", dest="max_size", type=int, default=0, metavar="MAXSIZE", help="the most bytes accepted")
+    p.add_argument("-c", "--check", action="store_true", help="also decompress every chunk to verify it")
+    p.add_argument("--force", action="store_true", help="replace an existing FILE")
+    p.set_defaults(run=_receive)
 
     p = sub.add_parser("serve", help="serve an image (any file) to frisbee clients (like frisbeed)")
     p.add_argument("file", metavar="FILE")

@@ -8,11 +8,12 @@ from __future__ import annotations
 import errno as errnos
 import os
 import socket
+import struct
 import time
 from collections import deque
 from collections.abc import Iterator
 
-from ..errors import NetworkError
+from ..errors import NetworkError, UsageError
 from .codec import ClientConnection, ConnectionLost, Data, EndOfMessage, Response, Stalled
 from .url import Url, resolve
 
@@ -114,11 +115,15 @@ class Exchange:
 
     def reset(self) -> None:
         """Close with a TCP reset, so the peer sees an error rather than a clean end (a failed upload)."""
-        try:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-        except OSError:
-            pass
-        self.sock.close()
+        reset_socket(self.sock)
+
+
+def reset_socket(sock: socket.socket) -> None:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # linger 0 s: RST
+    except OSError:
+        pass
+    sock.close()
 
 
 def get(url: Url, headers=(), idle_timeout: float = 30.0) -> Exchange:
@@ -137,8 +142,8 @@ def get(url: Url, headers=(), idle_timeout: float = 30.0) -> Exchange:
         exchange.close()
         try:
             url = resolve(url, location)
-        except NetworkError:
-            raise
-        except Exception as err:  # UsageError from the parser: the server sent a bad or https Location
+            if url.scheme != "http":
+                raise UsageError("not an http:// URL")
+        except UsageError as err:  # a bad, https or tcp Location
             raise NetworkError(f"{exchange.url}: HTTP {response.status} redirect to {location!r}: {err}") from None
     raise NetworkError(f"{url}: more than {MAX_REDIRECTS} redirects")

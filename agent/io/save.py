@@ -113,6 +113,15 @@ class Sink:
                 pass
 
 
+def open_sink(dest: str):
+    """DEST: a file, '-' (stdout), tcp://HOST:PORT (one byte stream, as frisupload) or http://HOST/PATH (PUT)."""
+    if dest.lower().startswith(("tcp://", "http://", "https://")):
+        from .net_sinks import open_net_sink
+
+        return open_net_sink(dest)
+    return Sink(dest)
+
+
 @dataclass
 class SaveResult:
     disk_bytes: int
@@ -156,7 +165,7 @@ def save(
         packer = ChunkPacker(codec, level, version, disk.sectors, short_sector=disk.short_sector)
         total = extents_bytes(disk_map.ranges)
         progress.total = total
-        sink = Sink(dest)
+        sink = open_sink(dest)
         try:
             done = 0
 
