@@ -95,7 +95,9 @@ def _image_source(args, progress):
     elif paths[0].lower().startswith(("http://", "https://")):
         from .io.http_source import HttpSource
 
-        warn = (lambda msg: None) if args.quiet else (lambda msg: print(f"nodeagent image: {msg}", file=sys.stderr))
+        def warn(msg: str) -> None:  # cuts, retries and restarts are said even with -q
+            print(f"nodeagent image: {msg}", file=sys.stderr, flush=True)
+
         return HttpSource(paths[0], idle_timeout=args.timeout, sha256=args.sha256, warn=warn), paths[1]
     else:
         return open_source(paths[0]), paths[1]

@@ -4,7 +4,7 @@
 
 Connections are cut (both directions closed) when N bytes have come from the upstream, K times in all; then every
 connection passes through.
---lie-length D adds D to every Content-Length header the upstream sends. Prints `ready` once listening, and one
+--lie-length D adds D to every Content-Length of 64 KiB or more that the upstream sends. Prints `ready` once listening, and one
 line per finished connection: `conn I: B bytes from upstream[, cut]`.
 """
 
@@ -29,6 +29,10 @@ def take_cut() -> bool:
         return False
 
 
+def lied(length: int, lie: int) -> int:
+    return length + lie if length >= 65536 else length  # image bodies only, not error pages or sidecars
+
+
 def pipe(src: socket.socket, dst: socket.socket, limit: int | None, lie: int, counter: list) -> None:
     head_done = lie == 0
     buf = b""
@@ -42,7 +46,7 @@ def pipe(src: socket.socket, dst: socket.socket, limit: int | None, lie: int, co
                 if b"\r\n\r\n" not in buf:
                     continue
                 head, _, rest = buf.partition(b"\r\n\r\n")
-                head = re.sub(rb"(?im)^(content-length:\s*)(\d+)", lambda m: m[1] + str(int(m[2]) + lie).encode(), head)
+                head = re.sub(rb"(?im)^(content-length:\s*)(\d+)", lambda m: m[1] + str(lied(int(m[2]), lie)).encode(), head)
                 data, head_done = head + b"\r\n\r\n" + rest, True
             if limit and counter[0] + len(data) >= limit and take_cut():
                 dst.sendall(data[: limit - counter[0]])

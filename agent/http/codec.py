@@ -163,6 +163,15 @@ class ClientConnection(Engine):
             self._buf = b""
             self._head(buf[:end].decode("latin-1"), events)
             return buf[end + 4 :]
+        if state == "chunk-crlf":  # exactly CRLF (or a bare LF) must follow a chunk's data
+            if buf[:2] == b"\r\n" or buf[:1] == b"\n":
+                self._buf = b""
+                self._state = "chunk-size"
+                return buf[2:] if buf[:1] == b"\r" else buf[1:]
+            if buf != b"\r":
+                raise NetworkError(f"{self._what}: chunked body: no CRLF after a chunk's data")
+            self._buf = buf
+            return b""
         end = buf.find(b"\n")
         if end < 0:
             if len(buf) > MAX_LINE:
@@ -171,11 +180,7 @@ class ClientConnection(Engine):
             return b""
         self._buf = b""
         line, rest = buf[:end].rstrip(b"\r"), buf[end + 1 :]
-        if state == "chunk-crlf":
-            if line:
-                raise NetworkError(f"{self._what}: chunked body: no CRLF after a chunk's data")
-            self._state = "chunk-size"
-        elif state == "chunk-size":
+        if state == "chunk-size":
             size = line.split(b";", 1)[0].strip()
             try:
                 self._left = int(size, 16)

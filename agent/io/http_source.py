@@ -290,7 +290,9 @@ class HttpSource:
                     continue
                 piece, skip = piece[skip:], 0
             if stop is not None and len(piece) >= stop:
-                piece = piece[:stop]
+                piece = piece[:stop]  # past `end`: read on to the body's end (its framing is checked there), unused
+                if not piece:
+                    continue
             pieces.append(piece)
             have += len(piece)
             if stop is not None:
@@ -300,12 +302,11 @@ class HttpSource:
                 yield joined[:CHUNK_SIZE] if len(joined) > CHUNK_SIZE else joined
                 rest = joined[CHUNK_SIZE:]
                 pieces, have = ([rest] if rest else []), len(rest)
-            if stop == 0:
-                if have:
-                    yield b"".join(pieces)  # the short last chunk of an image that is not whole chunks
-                return
-        if end is not None:
-            raise ConnectionLost(f"{exchange.url}: the response ended {end - index * CHUNK_SIZE - have} bytes early")
+            if stop == 0 and have:
+                yield b"".join(pieces)  # the short last chunk of an image that is not whole chunks
+                pieces, have = [], 0
+        if stop:
+            raise ConnectionLost(f"{exchange.url}: the response ended {stop} bytes early")
         if have:
             yield b"".join(pieces)
 
