@@ -13,7 +13,7 @@ from ..errors import NetworkError
 from ..http.client import Exchange, connect, describe_oserror, reset_socket
 from ..http.url import Url, parse
 
-CLOSE_WAIT = 60.0  # seconds a receiver may take to close after our end (ours checks and renames first)
+CLOSE_WAIT = 60.0  # seconds a receiver may take to take one chunk, or to close after our end (ours renames first)
 
 
 class TcpSink:
@@ -21,7 +21,7 @@ class TcpSink:
         self.dest = str(url)
         self.written = 0
         self.sock = connect(url)
-        self.sock.settimeout(None)
+        self.sock.settimeout(CLOSE_WAIT)
 
     def write(self, chunk: bytes) -> None:
         try:
@@ -53,6 +53,7 @@ class HttpPutSink:
         self.written = 0
         self.exchange = Exchange("PUT", url, [("Content-Type", "application/octet-stream")], body="chunked",
                                  idle_timeout=CLOSE_WAIT)
+        self.exchange.sock.settimeout(CLOSE_WAIT)
 
     def _refused(self, err: NetworkError) -> NetworkError:
         """A server that stops reading mid-upload usually said why first (413, 403...): report that."""

@@ -16,7 +16,7 @@ import socket
 import time
 from dataclasses import dataclass
 
-from ..errors import AddressInUseError, DestinationError, NetworkError
+from ..errors import AddressInUseError, DestinationError, NetworkError, UsageError
 from ..http.client import describe_oserror
 from ..ndz import codec
 from ..ndz.header import CHUNK_SIZE
@@ -78,7 +78,7 @@ def receive(path: str, client: str, port: int, ifaddr: str | None = None, timeou
     try:
         socket.inet_aton(client)
     except OSError:
-        raise DestinationError(f"-m {client}: not an IPv4 address") from None
+        raise UsageError(f"-m {client}: not an IPv4 address") from None
     if not force and os.path.lexists(path):
         raise DestinationError(f"{path}: exists (--force replaces it)")
     clock = _Clock(timeout, idle)

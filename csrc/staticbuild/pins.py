@@ -95,7 +95,8 @@ NUITKA_NOFOLLOW = [
 NUITKA_BYTECODE = ["agent.cli", "agent.kexec", "agent.fs", "agent.linux", "agent.linux_files", "agent.netif",
                    "agent.demo", "agent.info", "agent.errors", "agent.resources", "agent._embedded", "agent.progress",
                    "agent.ndz.header", "agent.ndz.chunker", "agent.ndz.coverage", "agent.io.target",
-                   "agent.io.sources", "agent.io.image", "agent.io.save"]
+                   "agent.io.sources", "agent.io.image", "agent.io.save", "agent.http", "agent.io.http_source",
+                   "agent.io.net_sinks", "agent.io.receive", "agent.ndz.sequence"]
 # The environment Nuitka runs in (CCFLAGS: added to its compiler flags). PYTHONNODEBUGRANGES: the code objects Nuitka compiles (and marshals into the
 # bytecode blob) carry line numbers but not 3.11's column ranges (PEP 657's carets in tracebacks, which a binary
 # without its sources cannot show anyway).
