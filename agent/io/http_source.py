@@ -28,6 +28,7 @@ STALL = 30.0  # seconds without a byte before a connection counts as lost (less 
 BACKOFF_FIRST = 0.25
 BACKOFF_MAX = 8.0
 SIDECAR_MAX = 64 << 10
+LAST_FIRST = "at the last chunk (fetched first)"
 
 
 def parse_digest(text: str, what: str) -> str:
@@ -97,33 +98,42 @@ class HttpSource:
         self.resumes = self.restarts = 0
         self._ranges = True  # until the server shows otherwise
         self._digest_from = "--sha256"
-        self._digest = parse_digest(sha256, "--sha256") if sha256 is not None else self._sidecar_digest()
+        self._digest = parse_digest(sha256, "--sha256") if sha256 is not None else None
+        self._retrying(self._first_request, LAST_FIRST)
+        if sha256 is None:
+            try:
+                self._digest = self._sidecar_digest()
+            except BaseException:
+                self.close()
+                raise
         self._hash = hashlib.sha256() if self._digest else None
-        self._retrying(self._first_request, 0)
 
     # ------------------------------------------------------------------------------------------------ requests
 
-    def _retrying(self, attempt, chunk: int):
-        """attempt() until it succeeds; cuts and 5xx are retried after a jittered backoff until -T without progress."""
+    def _retrying(self, attempt, where: str):
+        """attempt() until it succeeds; cuts and 5xx are retried after a jittered backoff until -T without progress.
+        Failures name the chunk (`where`)."""
         while True:
             try:
                 return attempt()
             except ConnectionLost as err:
-                self._pause(err, chunk, "retrying")
+                self._pause(err, where, "retrying")
+            except (NetworkError, SourceError) as err:
+                raise type(err)(f"{err} {where}") from None
 
-    def _pause(self, err: ConnectionLost, chunk: int, action: str) -> None:
+    def _pause(self, err: ConnectionLost, where: str, action: str) -> None:
         """Wait before the next attempt (backoff doubling to BACKOFF_MAX, jittered), or give up past -T."""
         waited = self._clock() - self._progress_at
         if self._timeout and waited >= self._timeout:
-            raise NetworkError(f"{err} at chunk {chunk}; giving up after {waited:.0f} s without progress") from None
+            raise NetworkError(f"{err} {where}; giving up after {waited:.0f} s without progress") from None
         delay = min(self._backoff, BACKOFF_MAX) * self._rng.uniform(0.5, 1.5)
         if self._timeout:
             delay = max(0.0, min(delay, self._progress_at + self._timeout - self._clock()))
         self._backoff *= 2
-        self._warn(f"{err} at chunk {chunk}; {action} in {delay:.1f} s")
+        self._warn(f"{err} {where}; {action} in {delay:.1f} s")
         self._sleep(delay)
 
-    def _request(self, range_spec: str | None, chunk: int, url=None) -> Exchange:
+    def _request(self, range_spec: str | None, url=None) -> Exchange:
         exchange = get(url or self.url, [("Range", range_spec)] if range_spec else [], self._stall)
         response = exchange.response
         status = response.status
@@ -135,16 +145,18 @@ class HttpSource:
             raise ConnectionLost(what)
         if status == 416 and range_spec and range_spec.startswith("bytes=-"):
             raise SourceError(f"{what}: the image is empty")
-        raise NetworkError(f"{what} at chunk {chunk}")
+        raise NetworkError(what)
 
     def _sidecar_digest(self) -> str | None:
         url = self.url._replace(target=self.url.target.split("?", 1)[0] + ".sha256")
 
         def fetch() -> str | None:
             try:
-                exchange = self._request(None, 0, url)
+                exchange = self._request(None, url)
+            except ConnectionLost:
+                raise
             except NetworkError as err:
-                if isinstance(err, ConnectionLost) or "HTTP 4" not in str(err):
+                if "HTTP 4" not in str(err):
                     raise
                 return None  # no sidecar: nothing to check
             try:
@@ -157,7 +169,7 @@ class HttpSource:
                 exchange.close()
             return body.decode("latin-1")
 
-        text = self._retrying(fetch, 0)
+        text = self._retrying(fetch, "fetching the digest")
         if text is None:
             return None
         self._digest_from = str(url)
@@ -172,7 +184,7 @@ class HttpSource:
             raise SourceError(f"{exchange.url}: the image changed on the server ({validator}, was {self._validator})")
 
     def _first_request(self) -> None:
-        exchange = self._request(f"bytes=-{CHUNK_SIZE}", 0)
+        exchange = self._request(f"bytes=-{CHUNK_SIZE}")
         self._check_validator(exchange)
         response = exchange.response
         what = str(exchange.url)
@@ -218,7 +230,7 @@ class HttpSource:
     def _open_stream(self, index: int, end: int | None) -> None:
         offset = index * CHUNK_SIZE
         spec = f"bytes={offset}-{'' if end is None else end - 1}" if self._last is not None or index else None
-        exchange = self._request(spec, index)
+        exchange = self._request(spec)
         try:
             self._check_validator(exchange)
             if exchange.response.status == 206:
@@ -255,10 +267,10 @@ class HttpSource:
         end = (self.total_chunks - 1) * CHUNK_SIZE if self._last is not None else self.total_bytes
         index = 0
         while end is None or index * CHUNK_SIZE < end:
+            if self._stream is None:
+                self._retrying(lambda: self._open_stream(index, end), f"at chunk {index}")
+            exchange, position = self._stream
             try:
-                if self._stream is None:
-                    self._retrying(lambda: self._open_stream(index, end), index)
-                exchange, position = self._stream
                 for chunk in self._chunks_of(exchange, position, index, end):
                     self._hand_on(index, chunk)
                     yield index, chunk
@@ -270,7 +282,10 @@ class HttpSource:
                 self.close()
                 self.resumes += 1
                 again = f"resuming at chunk {index} (byte {index * CHUNK_SIZE})" if self._ranges else "restarting from byte 0"
-                self._pause(err, index, again)
+                self._pause(err, f"at chunk {index}", again)
+            except (NetworkError, SourceError) as err:
+                self.close()
+                raise type(err)(f"{err} at chunk {index}") from None
         if self._last is not None:
             self._hand_on(self.total_chunks - 1, self._last, last=True)
             yield self.total_chunks - 1, self._last
