@@ -191,3 +191,21 @@ def test_sequence_refuses_gaps_order_and_cuts():
     sequence.add(chunks[0])
     with pytest.raises(ImageFormatError, match="do not tile"):
         sequence.add(bytes(renumbered))
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["image", "https://127.0.0.1/x.ndz", "{tmp}/out"], "HTTPS is not supported"),
+        (["image", "--sha256", "xyz", "http://127.0.0.1:9/x.ndz", "{tmp}/out"], "not a SHA-256 digest"),
+        (["save", "-r", "{tmp}/disk", "tcp://127.0.0.1"], "expected tcp://HOST:PORT"),
+        (["save", "-r", "{tmp}/disk", "http://127.0.0.1:0/x"], "bad port"),
+        (["receive", "-m", "node1.example", "-p", "7000", "{tmp}/f"], "not an IPv4 address"),
+    ],
+)
+def test_bad_network_arguments_are_usage_errors_before_any_traffic(args, words, tmp_path, run_cli):
+    (tmp_path / "disk").write_bytes(bytes(1 << 20))
+    proc = run_cli(*[a.format(tmp=tmp_path) for a in args])
+    assert proc.returncode == 2, proc.err
+    assert len(proc.err.strip().splitlines()) == 1 and words in proc.err and "Traceback" not in proc.err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "f").exists()

@@ -113,9 +113,13 @@ class Sink:
                 pass
 
 
+def _is_url(dest: str) -> bool:
+    return dest.lower().startswith(("tcp://", "http://", "https://"))
+
+
 def open_sink(dest: str):
     """DEST: a file, '-' (stdout), tcp://HOST:PORT (one byte stream, as frisupload) or http://HOST/PATH (PUT)."""
-    if dest.lower().startswith(("tcp://", "http://", "https://")):
+    if _is_url(dest):
         from .net_sinks import open_net_sink
 
         return open_net_sink(dest)
@@ -154,6 +158,10 @@ def save(
     workers = workers or default_workers()
     progress = progress if progress is not None else Progress("read", quiet=True)
     level = DEFAULT_LEVEL[codec] if level is None else level
+    if _is_url(dest):
+        from ..http.url import parse
+
+        parse(dest)  # a bad URL is refused before the disk is read
     disk = Disk(disk_path)
     try:
         if disk.busy:
