@@ -142,7 +142,8 @@ def test_receive_refuses_other_clients_and_keeps_waiting(net, tmp_path):
     "nbytes, reset, status, words",
     [
         (2 * CHUNK_SIZE + 4096, False, 3, "chunk 2: 4096 bytes, not 1048576: the image ends inside it"),
-        (2 * CHUNK_SIZE, True, 6, "connection reset by peer (ECONNRESET) after 2097152 bytes (chunk 2)"),
+        # A reset drops what the receiver had not read yet: how far it got varies.
+        (2 * CHUNK_SIZE, True, 6, "connection reset by peer (ECONNRESET) after"),
         (0, False, 3, "no chunks: the image is empty"),
     ],
 )
@@ -163,7 +164,7 @@ def test_malformed_upload_leaves_no_file(net, tmp_path):
     junk.write_bytes(image.read_bytes()[: 2 * CHUNK_SIZE][::-1])
     out = tmp_path / "received.ndz"
     receiver = start_receive(server, "-m", node.addr, "-p", PORT, out)
-    send_raw(node, server.addr, junk, 2 * CHUNK_SIZE)
+    send_raw(node, server.addr, junk, 2 * CHUNK_SIZE, check=False)  # the receiver may hang up after chunk 0
     status, err = finish(receiver)
     assert status == 3 and "chunk 0: bad magic" in err, err
     assert not out.exists() and not Path(f"{out}.part").exists()
