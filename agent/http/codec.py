@@ -149,18 +149,25 @@ class ClientConnection(Engine):
                 data = self._line_state(data, events)
         return events
 
+    def _find(self, buf: bytes, sep: bytes, limit: int, what: str) -> int:
+        """Where `sep` starts in buf; -1 (keeping buf for the next input) while it has not come."""
+        end = buf.find(sep)
+        if end < 0:
+            if len(buf) > limit:
+                raise NetworkError(f"{self._what}: {what} longer than {limit} bytes")
+            self._buf = buf
+        else:
+            self._buf = b""
+        return end
+
     def _line_state(self, data: bytes, events: list) -> bytes:
         """Head, chunk-size, chunk-CRLF and trailer states: collect bytes up to a line end, parse, return the rest."""
-        buf = self._buf + data
+        buf = self._buf + data if self._buf else data
         state = self._state
         if state == "head":
-            end = buf.find(b"\r\n\r\n")
+            end = self._find(buf, b"\r\n\r\n", MAX_HEAD, "response head")
             if end < 0:
-                if len(buf) > MAX_HEAD:
-                    raise NetworkError(f"{self._what}: response head longer than {MAX_HEAD} bytes")
-                self._buf = buf
                 return b""
-            self._buf = b""
             self._head(buf[:end].decode("latin-1"), events)
             return buf[end + 4 :]
         if state == "chunk-crlf":  # exactly CRLF (or a bare LF) must follow a chunk's data
@@ -172,13 +179,9 @@ class ClientConnection(Engine):
                 raise NetworkError(f"{self._what}: chunked body: no CRLF after a chunk's data")
             self._buf = buf
             return b""
-        end = buf.find(b"\n")
+        end = self._find(buf, b"\n", MAX_LINE, "chunked body line")
         if end < 0:
-            if len(buf) > MAX_LINE:
-                raise NetworkError(f"{self._what}: chunked body line longer than {MAX_LINE} bytes")
-            self._buf = buf
             return b""
-        self._buf = b""
         line, rest = buf[:end].rstrip(b"\r"), buf[end + 1 :]
         if state == "chunk-size":
             size = line.split(b";", 1)[0].strip()
