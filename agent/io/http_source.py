@@ -292,38 +292,37 @@ class HttpSource:
         elif self._hash is not None:
             self._check_digest()
 
-    def _chunks_of(self, exchange: Exchange, position: int, index: int, end: int | None) -> Iterator[bytes]:
-        """Complete chunks from `index` on, out of a body that starts at byte `position`."""
+    def _chunks_of(self, exchange: Exchange, position: int, index: int, end: int | None) -> Iterator[bytearray]:
+        """Complete chunks from `index` on, out of a body that starts at byte `position`. Each is filled in one
+        buffer of its own as pieces arrive (one copy, no joins)."""
         skip = index * CHUNK_SIZE - position
-        pieces: list[bytes] = []
-        have = 0
         stop = None if end is None else end - index * CHUNK_SIZE  # bytes wanted from this body after the skip
+        buf, fill = bytearray(CHUNK_SIZE), 0
         for piece in exchange.body():
+            view = memoryview(piece)
             if skip:
-                if len(piece) <= skip:
-                    skip -= len(piece)
+                if len(view) <= skip:
+                    skip -= len(view)
                     continue
-                piece, skip = piece[skip:], 0
-            if stop is not None and len(piece) >= stop:
-                piece = piece[:stop]  # past `end`: read on to the body's end (its framing is checked there), unused
-                if not piece:
-                    continue
-            pieces.append(piece)
-            have += len(piece)
+                view, skip = view[skip:], 0
             if stop is not None:
-                stop -= len(piece)
-            while have >= CHUNK_SIZE:
-                joined = b"".join(pieces) if len(pieces) > 1 else pieces[0]
-                yield joined[:CHUNK_SIZE] if len(joined) > CHUNK_SIZE else joined
-                rest = joined[CHUNK_SIZE:]
-                pieces, have = ([rest] if rest else []), len(rest)
-            if stop == 0 and have:
-                yield b"".join(pieces)  # the short last chunk of an image that is not whole chunks
-                pieces, have = [], 0
+                view = view[:stop]  # past `end`: read on to the body's end (its framing is checked there), unused
+                stop -= len(view)
+            while view:
+                n = min(len(view), CHUNK_SIZE - fill)
+                buf[fill : fill + n] = view[:n]
+                fill += n
+                view = view[n:]
+                if fill == CHUNK_SIZE:
+                    yield buf
+                    buf, fill = bytearray(CHUNK_SIZE), 0
+            if stop == 0 and fill:
+                yield buf[:fill]  # the short last chunk of an image that is not whole chunks
+                fill = 0
         if stop:
             raise ConnectionLost(f"{exchange.url}: the response ended {stop} bytes early")
-        if have:
-            yield b"".join(pieces)
+        if fill:
+            yield buf[:fill]
 
     def _hand_on(self, index: int, chunk: bytes, last: bool = False) -> None:
         header = decode(chunk[:HEADER_AREA], index)
