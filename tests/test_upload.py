@@ -27,7 +27,7 @@ pytestmark = needs_root
 PORT = 7070
 FRISUPLOAD = os.environ.get("NODEAGENT_FRISUPLOAD", "")
 FRISUPLOADD = os.environ.get("NODEAGENT_FRISUPLOADD", "")
-RSS_LIMIT = 80 << 20  # bytes: the image is 100+ MiB, so holding it would show
+RSS_LIMIT = 48 << 20  # bytes (bench_ndz's goal for image and save): the image is 100+ MiB, so holding it would show
 
 # Runs argv and prints its peak RSS (KiB) on stderr's last line.
 PEAK_RSS = (
