@@ -95,10 +95,8 @@ def _image_source(args, progress):
     elif paths[0].lower().startswith(("http://", "https://")):
         from .io.http_source import HttpSource
 
-        def warn(msg: str) -> None:  # cuts, retries and restarts are said even with -q
-            print(f"nodeagent image: {msg}", file=sys.stderr, flush=True)
-
-        return HttpSource(paths[0], idle_timeout=args.timeout, sha256=args.sha256, warn=warn), paths[1]
+        # Cuts, retries and restarts are warnings: said even with -q.
+        return HttpSource(paths[0], idle_timeout=args.timeout, sha256=args.sha256, warn=progress.warn), paths[1]
     else:
         return open_source(paths[0]), paths[1]
     from .frisbee.receive import FrisbeeSource
@@ -290,13 +288,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("receive", help="receive one image upload over TCP, kept only if whole (like frisuploadd)")
     p.add_argument("file", metavar="FILE", help="where to keep the image (written as FILE.part until complete)")
     p.add_argument("-m", dest="client", metavar="CLIENT", required=True, help="the address allowed to upload")
-    p.add_argument("-p", dest="port", type=int, metavar="PORT", required=True, help="TCP port to listen on")
+    p.add_argument("-p", dest="port", type=_port, metavar="PORT", required=True, help="TCP port to listen on")
     p.add_argument("-i", dest="ifaddr", metavar="IFADDR", help="local address to listen on (default: all)")
-    p.add_argument("-T", dest="timeout", type=float, default=0, metavar="S",
+    p.add_argument("-T", dest="timeout", type=_seconds, default=0, metavar="S",
                    help="the most seconds the whole upload may take (default 0: no limit)")
-    p.add_argument("-I", dest="idle", type=float, default=0, metavar="S",
+    p.add_argument("-I", dest="idle", type=_seconds, default=0, metavar="S",
                    help="the most seconds without data (default 0: no limit)")
-    p.add_argument("-s", dest="max_size", type=int, default=0, metavar="MAXSIZE", help="the most bytes accepted")
+    p.add_argument("-s", dest="max_size", type=_count(0, 2**63), default=0, metavar="MAXSIZE",
+                   help="the most bytes accepted (default 0: no limit)")
     p.add_argument("-c", "--check", action="store_true", help="also decompress every chunk to verify it")
     p.add_argument("--force", action="store_true", help="replace an existing FILE")
     p.set_defaults(run=_receive)
