@@ -175,6 +175,7 @@ CONSTANTS = frozenset(
         "MS_RDONLY", "MS_NOSUID", "MS_NODEV", "MS_NOEXEC", "MS_REMOUNT", "MS_BIND", "MS_MOVE", "MS_REC",
         "MNT_FORCE", "MNT_DETACH",
         "IFNAMSIZ", "IFF_UP", "IFF_BROADCAST", "IFF_RUNNING", "IFF_LOOPBACK", "ARPHRD_ETHER", "ARPHRD_LOOPBACK",
+        "SO_RXQ_OVFL",
     }
 )
 
@@ -447,3 +448,69 @@ def add_ipv4_route(
         via = f" via {gateway}" if gateway else ""
         dev = f" dev {ifname}" if ifname else ""
         raise _fail_what(f"SIOCADDRT {dst}/{genmask}{via}{dev}")
+
+
+# ---------------------------------------------------------------- frisbee receive fast path
+
+
+class FrisbeeBatch:
+    """A batch of received datagrams in C memory (struct na_frx) and the BLOCKs the scan may take in C.
+
+    recv() reads up to NA_FRX_BATCH datagrams with one recvmmsg, without the GIL; scan() copies the armed chunk's
+    BLOCKs from our server into its buffer and clears their bits in the missing-blocks map, and stops at the first
+    datagram it leaves to the caller (datagram(i)). The caller owns the policy: it arms one chunk at a time and
+    reads back what the scan took (take())."""
+
+    def __init__(self) -> None:
+        lib = _lib()
+        self._ffi, self._lib = _linux.ffi, lib
+        self._rx = self._ffi.new("struct na_frx *")
+        self._rx.chunk = -1
+        self._keep = None  # the armed chunk buffer's cdata: keeps the pointer valid
+        self.size = int(lib.NA_FRX_SIZE)
+
+    def recv(self, sock: FD) -> int:
+        """Datagrams read (0: none waiting); raises LinuxError."""
+        n = self._lib.na_frx_recv(_fileno(sock), self._rx)
+        if n < 0:
+            raise _fail_what("recvmmsg")
+        return n
+
+    def scan(self) -> int:
+        """Take armed BLOCKs from where the last scan stopped: the index of the next datagram left to the caller,
+        or -1 at the end of the batch."""
+        return self._lib.na_frx_scan(self._rx)
+
+    def datagram(self, i: int) -> tuple[bytes, tuple[str, int]]:
+        rx = self._rx
+        ip = int(rx.ip[i]).to_bytes(4, sys.byteorder)  # the in_addr as it sits in memory: network order
+        return self._ffi.buffer(rx.data[i], rx.len[i])[:], (ipaddress.IPv4Address(ip).compressed, int(rx.port[i]))
+
+    def arm(self, server_ip: str, server_port: int | None, chunk: int, buffer: bytearray, missing: int,
+            nblocks: int, chunk_bytes: int, run_top: int) -> None:
+        """Let the scan take BLOCKs of `chunk` from server_ip:server_port (None: any port) into `buffer`."""
+        rx, ffi = self._rx, self._ffi
+        rx.server_ip = int.from_bytes(ipaddress.IPv4Address(server_ip).packed, sys.byteorder)
+        rx.server_port = -1 if server_port is None else server_port
+        self._keep = ffi.from_buffer(buffer)
+        rx.buf = self._keep
+        ffi.memmove(rx.missing, missing.to_bytes(128, "little"), 128)
+        rx.missing_count = missing.bit_count()
+        rx.chunk, rx.nblocks, rx.chunk_bytes, rx.run_top = chunk, nblocks, chunk_bytes, run_top
+
+    def disarm(self) -> None:
+        self._rx.chunk = -1
+        self._rx.buf = self._ffi.NULL
+        self._keep = None
+
+    def take(self) -> tuple[int, int, int, int, int]:
+        """(blocks, useful, duplicates, missing map, highest block) of the armed chunk since the last take()."""
+        rx = self._rx
+        got = (rx.blocks, rx.useful, rx.dups, int.from_bytes(self._ffi.buffer(rx.missing), "little"), rx.run_top)
+        rx.blocks = rx.useful = rx.dups = 0
+        return got
+
+    @property
+    def drops(self) -> int:
+        """The socket's drop count (SO_RXQ_OVFL, once enabled) as of the last datagram read."""
+        return int(self._rx.drops)

@@ -235,3 +235,84 @@ int na_route_add(int sock, const char *dst, const char *genmask,
     rt.rt_metric = (short)(metric + 1);  /* the ioctl ABI stores metric + 1 */
     return ioctl(sock, SIOCADDRT, &rt) == 0 ? 0 : -1;
 }
+
+/* ---- frisbee receive fast path ------------------------------------------ */
+
+int na_frx_recv(int fd, struct na_frx *rx)
+{
+    struct mmsghdr msgs[NA_FRX_BATCH];
+    struct iovec iov[NA_FRX_BATCH];
+    struct sockaddr_in from[NA_FRX_BATCH];
+    int i, n;
+
+    memset(msgs, 0, sizeof msgs);
+    for (i = 0; i < NA_FRX_BATCH; i++) {
+        iov[i].iov_base = rx->data[i];
+        iov[i].iov_len = NA_FRX_SIZE;
+        msgs[i].msg_hdr.msg_iov = &iov[i];
+        msgs[i].msg_hdr.msg_iovlen = 1;
+        msgs[i].msg_hdr.msg_name = &from[i];
+        msgs[i].msg_hdr.msg_namelen = sizeof from[i];
+        msgs[i].msg_hdr.msg_control = rx->control[i];
+        msgs[i].msg_hdr.msg_controllen = sizeof rx->control[i];
+    }
+    rx->count = rx->next = 0;
+    do {
+        n = recvmmsg(fd, msgs, NA_FRX_BATCH, MSG_DONTWAIT, NULL);
+    } while (n < 0 && errno == EINTR);
+    if (n < 0)
+        return errno == EAGAIN || errno == EWOULDBLOCK ? 0 : -1;
+    for (i = 0; i < n; i++) {
+        struct cmsghdr *c;
+        rx->len[i] = msgs[i].msg_len;
+        rx->ip[i] = from[i].sin_addr.s_addr;
+        rx->port[i] = ntohs(from[i].sin_port);
+        for (c = CMSG_FIRSTHDR(&msgs[i].msg_hdr); c; c = CMSG_NXTHDR(&msgs[i].msg_hdr, c))
+            if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SO_RXQ_OVFL)
+                memcpy(&rx->drops, CMSG_DATA(c), sizeof rx->drops);
+    }
+    rx->count = n;
+    return n;
+}
+
+/* The fields of a BLOCK datagram: type, subtype, datalen, srcip, chunk, block
+ * (int32 each), then the data. */
+#define FRX_HEAD 24
+#define FRX_BLOCK_LEN (16 + 8 + 1024)
+
+int na_frx_scan(struct na_frx *rx)
+{
+    while (rx->next < rx->count) {
+        int i = rx->next++;
+        const unsigned char *d = rx->data[i];
+        int32_t f[6];
+        unsigned char bit;
+
+        /* The checks of packets.block_header, then "from our server, for the
+         * armed chunk, inside it, and not its last missing block". */
+        if (rx->chunk < 0 || rx->len[i] < FRX_BLOCK_LEN || rx->ip[i] != rx->server_ip
+            || (rx->server_port >= 0 && rx->port[i] != rx->server_port))
+            return i;
+        memcpy(f, d, sizeof f);
+        if (f[0] != 1 || f[1] != 3 || f[2] < 8 + 1024 || f[2] > 1064
+            || rx->len[i] < 16 + (uint32_t)f[2] || memcmp(&f[3], &rx->server_ip, 4) != 0
+            || f[4] != rx->chunk || f[5] < 0 || f[5] >= rx->nblocks)
+            return i;
+        bit = (unsigned char)(1u << (f[5] & 7));
+        if (rx->missing[f[5] >> 3] & bit) {
+            int32_t off = f[5] * 1024, n = rx->chunk_bytes - off;
+            if (rx->missing_count <= 1)
+                return i;  /* completing the chunk is the engine's business */
+            memcpy(rx->buf + off, d + FRX_HEAD, n < 1024 ? n : 1024);
+            rx->missing[f[5] >> 3] &= (unsigned char)~bit;
+            rx->missing_count--;
+            rx->useful++;
+        } else {
+            rx->dups++;
+        }
+        rx->blocks++;
+        if (f[5] > rx->run_top)
+            rx->run_top = f[5];
+    }
+    return -1;
+}

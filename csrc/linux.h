@@ -40,6 +40,7 @@
 #include <linux/kexec.h>    /* struct kexec_segment, KEXEC_* */
 #include <linux/reboot.h>   /* LINUX_REBOOT_MAGIC1/2, LINUX_REBOOT_CMD_* */
 #include <linux/module.h>   /* MODULE_INIT_* (finit_module flags) */
+#include <sys/uio.h>        /* struct iovec (recvmmsg) */
 
 /* ---- block devices ------------------------------------------------------ */
 
@@ -138,5 +139,50 @@ int na_if_set_flags(int sock, const char *ifname, int flags);
  * usual default).  dst and genmask "0.0.0.0" make the default route. */
 int na_route_add(int sock, const char *dst, const char *genmask,
                  const char *gateway, const char *ifname, int metric);
+
+/* ---- frisbee receive fast path ------------------------------------------ */
+/* A frisbee client receives about a thousand 1 KiB BLOCKs per chunk.  These
+ * two calls take them in batches: na_frx_recv reads up to NA_FRX_BATCH
+ * datagrams with one recvmmsg (nothing else; the caller waits for input), and
+ * na_frx_scan copies the BLOCKs the client armed it for into their chunk
+ * buffer and marks them in the bitmap.  What the scan leaves (any other
+ * datagram: another message, another chunk, a block that would complete the
+ * chunk, anything malformed or from elsewhere) is handed back for the
+ * protocol engine in Python, which stays the owner of every decision.
+ * Wire format: little-endian, as frisbee on x86. */
+
+#define NA_FRX_BATCH 64
+#define NA_FRX_SIZE 2048   /* longer datagrams are cut, as recvfrom(2048) */
+
+struct na_frx {
+    /* the batch: count datagrams; next is the first the scan has not taken */
+    int count, next;
+    uint32_t drops;                 /* SO_RXQ_OVFL: datagrams the socket dropped */
+    uint32_t len[NA_FRX_BATCH];
+    uint32_t ip[NA_FRX_BATCH];      /* source address, network order */
+    uint16_t port[NA_FRX_BATCH];    /* source port, host order */
+    /* armed by the engine: BLOCKs of `chunk` (-1: none) whose source is
+     * server_ip:server_port (port -1: any) and whose header srcip is
+     * server_ip; the chunk has nblocks blocks and chunk_bytes bytes of file */
+    uint32_t server_ip;
+    int32_t server_port, chunk, nblocks, chunk_bytes;
+    unsigned char *buf;             /* the chunk's buffer, 1 MiB */
+    unsigned char missing[128];     /* bit b of byte b/8: block b missing */
+    int32_t missing_count;          /* set bits in missing */
+    int32_t run_top;                /* highest block taken (kept from arming) */
+    /* what the scan took since the engine last looked */
+    uint32_t blocks, useful, dups;
+    unsigned char data[NA_FRX_BATCH][NA_FRX_SIZE];
+    unsigned char control[NA_FRX_BATCH][32];
+};
+
+/* recvmmsg(MSG_DONTWAIT) into rx (count, next = 0): returns the count, 0 if
+ * nothing was waiting, -1 on error (errno).  SO_RXQ_OVFL, if enabled on the
+ * socket, updates drops. */
+int na_frx_recv(int fd, struct na_frx *rx);
+
+/* Take the armed BLOCKs from rx->next on: returns the index of the first
+ * datagram left to the engine (next is past it), or -1 when the batch is done. */
+int na_frx_scan(struct na_frx *rx);
 
 #endif /* NODEAGENT_LINUX_H */

@@ -103,3 +103,29 @@ int na_if_get_flags(int sock, const char *ifname, int *flags_out);
 int na_if_set_flags(int sock, const char *ifname, int flags);
 int na_route_add(int sock, const char *dst, const char *genmask,
                  const char *gateway, const char *ifname, int metric);
+
+/* ---- frisbee receive fast path ---- */
+
+#define SO_RXQ_OVFL ...
+#define NA_FRX_BATCH ...
+#define NA_FRX_SIZE ...
+
+struct na_frx {
+    int count, next;
+    uint32_t drops;
+    uint32_t len[64];
+    uint32_t ip[64];
+    uint16_t port[64];
+    uint32_t server_ip;
+    int32_t server_port, chunk, nblocks, chunk_bytes;
+    unsigned char *buf;
+    unsigned char missing[128];
+    int32_t missing_count;
+    int32_t run_top;
+    uint32_t blocks, useful, dups;
+    unsigned char data[64][2048];
+    ...;
+};
+
+int na_frx_recv(int fd, struct na_frx *rx);
+int na_frx_scan(struct na_frx *rx);

@@ -291,6 +291,35 @@ class Client(Engine):
         self._last_server = now
         return self._got_block(chunk, block, payload, now)
 
+    def fast_target(self) -> tuple[int, bytearray, int, int, int, int] | None:
+        """What a receive fast path may take by itself: BLOCKs of the chunk the server is sending (that of the last
+        BLOCK) while it is partly filled here, from our server. (chunk, its buffer, missing-blocks map, blocks in
+        the chunk, bytes of the file in it, highest block of the run so far), or None."""
+        if self._phase != _RECEIVING:
+            return None
+        chunk = self._last_chunk
+        buf = self._filling.get(chunk)
+        if buf is None:
+            return None
+        size = min(CHUNK_BYTES, self.total_bytes - chunk * CHUNK_BYTES)
+        return chunk, buf.data, buf.missing, chunk_blocks(self.total_bytes, chunk), size, self._run_top
+
+    def fast_blocks(self, blocks: int, useful: int, dups: int, missing: int, run_top: int, now: float) -> None:
+        """A fast path took `blocks` BLOCKs of the fast_target chunk from our server (in range; `useful` of them
+        new, copied into its buffer, none the last missing one; `dups` already there): account for them exactly as
+        receive() would have, all at `now`. `missing` and `run_top` are the chunk's map and highest block after."""
+        if not blocks:
+            return
+        self.stats.blocks += blocks
+        self.stats.useful_blocks += useful
+        self.stats.dup_blocks += dups
+        self._backoff = 0
+        self._last_server = self._last_block_at = now
+        if useful:
+            self._idle_at = now + IDLE_DELAY
+        self._filling[self._last_chunk].missing = missing
+        self._run_top = max(self._run_top, run_top)
+
     # -----------------------------------------------------------------------------------------------------------
     # joining
 

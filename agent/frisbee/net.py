@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import os
 import select
 import socket
 import time
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Literal
 
 from .. import linux
-from ..errors import AddressInUseError, NetworkError
+from ..errors import AddressInUseError, LinuxError, NetworkError
 from ..netif import IPv4Interface, ipv4_interfaces
 
 MCAST_TTL = 5
@@ -27,6 +28,7 @@ NOBUF_DELAY = 0.001  # frisbee sleeps one clock tick when the send queue is full
 RECV_SIZE = 2048  # more than a Packet_t (1080): longer datagrams are cut, and decode judges by datalen
 
 _IP_RECVERR = 11  # Linux <linux/in.h>; not exported by the socket module
+_SO_RXQ_OVFL = 40  # <asm-generic/socket.h>: every datagram carries the socket's drop count
 _SO_SNDBUFFORCE, _SO_RCVBUFFORCE = 32, 33
 # ICMP errors a peer's absence reports through IP_RECVERR: the datagram is lost, the session goes on.
 _PEER_ERRORS = {errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENONET}
@@ -108,6 +110,29 @@ class Endpoint:
                 select.select(self._socks, [], [], left)
             except InterruptedError:
                 pass
+
+    def wait(self, timeout: float | None) -> None:
+        """Until a datagram is waiting on one of our sockets, or timeout seconds (None: no limit)."""
+        try:
+            select.select(self._socks, [], [], timeout)
+        except InterruptedError:
+            pass
+
+    def recv_batch(self, batch: linux.FrisbeeBatch) -> tuple[int, list[tuple[bytes, tuple[str, int]]]]:
+        """What is waiting, without waiting: a batch read from the main socket (its count), and the datagrams of
+        the other sockets (a multicast client's interface socket: unicast replies)."""
+        try:
+            n = batch.recv(self._socks[0])
+        except LinuxError as err:
+            if err.errno not in _PEER_ERRORS:
+                raise NetworkError(f"receive: {os.strerror(err.errno)}") from None
+            _drain_errors(self._socks[0])
+            n = 0
+        others = []
+        for sock in self._socks[1:]:
+            while (got := _recv_one(sock)) is not None:
+                others.append(got)
+        return n, others
 
     def fileno(self) -> int:
         return self._socks[0].fileno()
@@ -193,6 +218,9 @@ def open_endpoint(
         bind_ip = group if role == "client" and mode == "multicast" else "0.0.0.0"
         _bind(sock, bind_ip, port)
         port = sock.getsockname()[1]
+        if role == "client":
+            # The drop count of the receive queue rides along with every datagram: the fast path reports it.
+            sock.setsockopt(socket.SOL_SOCKET, _SO_RXQ_OVFL, 1)
         if role == "server":
             # Report ENOBUFS on send instead of dropping silently when the device queue is full (as frisbeed).
             sock.setsockopt(socket.IPPROTO_IP, _IP_RECVERR, 1)

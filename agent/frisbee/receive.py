@@ -14,9 +14,11 @@ import threading
 import time
 from collections.abc import Iterator
 
+from .. import linux
 from ..errors import NetworkError, NodeagentError, SourceError
 from ..ndz.header import HEADER_AREA
 from .client import ChunkComplete, Client, Finished, Joined, TimedOut
+from .fastpath import feed_batch
 from .net import Endpoint, open_endpoint
 
 RECV_TIMEOUT = 0.03  # frisbee's PKTRCV_TIMEOUT
@@ -44,6 +46,8 @@ class FrisbeeSource:
     idle_timeout: seconds without a packet from the server before giving up (frisbee -T; 0 = never).
     memory_mb: 1 MiB chunk buffers, partly received or waiting for the consumer (frisbee -M).
     progress: optional object whose `done` (bytes written so far) goes into frisbeed's PROGRESS reports.
+    fast: receive in batches and take BLOCKs in C (agent/frisbee/fastpath.py); None: when the compiled module is
+    there. False: the pure-Python reference path, one datagram at a time.
     """
 
     def __init__(
@@ -57,6 +61,7 @@ class FrisbeeSource:
         progress=None,
         *,
         rng: random.Random | None = None,
+        fast: bool | None = None,
     ) -> None:
         self.name = f"frisbee {addr}:{port}"
         self._where = f"{addr}:{port}"
@@ -79,6 +84,13 @@ class FrisbeeSource:
             idle_timeout=idle_timeout,
             wall_offset=time.time() - time.monotonic(),
         )
+        self._batch: linux.FrisbeeBatch | None = None
+        if fast is not False:
+            try:
+                self._batch = linux.FrisbeeBatch()
+            except linux.ExtensionMissingError:
+                if fast:
+                    raise
         self._cond = threading.Condition()  # guards the Client and everything below
         self._ready: dict[int, bytes] = {}  # completed chunks not yet taken, in arrival order
         self._total_chunks: int | None = None
@@ -145,6 +157,11 @@ class FrisbeeSource:
         return self._client.stats
 
     @property
+    def drops(self) -> int | None:
+        """Datagrams the socket dropped for want of buffer space (SO_RXQ_OVFL; None: not known on this path)."""
+        return None if self._batch is None else self._batch.drops
+
+    @property
     def total_chunks(self) -> int | None:
         """Chunks in the image, once the server has answered our JOIN (None before)."""
         return self._total_chunks
@@ -165,16 +182,19 @@ class FrisbeeSource:
                     if self._stop or client.done:
                         return
                     wait = min(RECV_TIMEOUT, max(0.0, client.next_deadline() - time.monotonic()))
-                got = endpoint.recv(wait)
+                if self._batch is not None:
+                    endpoint.wait(wait)
+                    count, others = endpoint.recv_batch(self._batch)  # one recvmmsg, the GIL released
+                else:
+                    got = endpoint.recv(wait)
                 with self._cond:
                     now = time.monotonic()
-                    events = []
-                    # Take what else is queued under one lock (a burst of blocks arrives together).
-                    taken = 0
-                    while got is not None:
-                        events += client.receive(got[0], got[1], now)
-                        taken += 1
-                        got = endpoint.recv(0) if taken < RECV_BATCH else None
+                    if self._batch is not None:
+                        events = feed_batch(client, self._batch, now) if count else []
+                        for data, source in others:
+                            events += client.receive(data, source, now)
+                    else:
+                        events = self._receive_one_by_one(got, now)
                     now = time.monotonic()
                     if now >= client.next_deadline():
                         events += client.timer(now)
@@ -188,6 +208,17 @@ class FrisbeeSource:
             self._fail(NetworkError(f"{self.name}: {err.strerror or err}"))
         except BaseException as err:  # a bug: still wake the consumer, with the cause in the message
             self._fail(SourceError(f"{self.name}: receiver failed: {type(err).__name__}: {err}"))
+
+    def _receive_one_by_one(self, got, now: float) -> list:
+        """The reference path: datagram by datagram, what else is queued under one lock (a burst arrives
+        together). Called with the lock held."""
+        events: list = []
+        taken = 0
+        while got is not None:
+            events += self._client.receive(got[0], got[1], now)
+            taken += 1
+            got = self._endpoint.recv(0) if taken < RECV_BATCH else None
+        return events
 
     def _handle(self, events) -> None:
         """Called with the lock held."""
