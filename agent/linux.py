@@ -62,6 +62,11 @@ def _lib():
     return _linux.lib
 
 
+def available() -> bool:
+    """Whether the compiled module is there (callers with a pure-Python fallback ask first)."""
+    return _linux is not None
+
+
 def _fileno(fd: FD) -> int:
     return fd if isinstance(fd, int) else fd.fileno()
 
@@ -514,3 +519,17 @@ class FrisbeeBatch:
     def drops(self) -> int:
         """The socket's drop count (SO_RXQ_OVFL, once enabled) as of the last datagram read."""
         return int(self._rx.drops)
+
+
+def send_frisbee_blocks(sock: FD, prefix: bytes, dest: tuple[str, int], chunk: int, block: int, data, gso: bool) -> int:
+    """Send len(data) // 1024 frisbee BLOCKs (prefix: their first 16 bytes; then chunk, block + k, 1 KiB of data)
+    to dest with sendmmsg, or UDP_SEGMENT sends when gso. Returns how many went (fewer: the send queue is full);
+    raises LinuxError when none could."""
+    lib, ffi, fd = _lib(), _linux.ffi, _fileno(sock)
+    if len(prefix) != 16 or len(data) % 1024:
+        raise ValueError("a 16-byte prefix and whole 1 KiB blocks")
+    ip = int.from_bytes(ipaddress.IPv4Address(dest[0]).packed, sys.byteorder)
+    n = lib.na_frx_send_blocks(fd, prefix, ip, dest[1], chunk, block, len(data) // 1024, ffi.from_buffer(data), gso)
+    if n < 0:
+        raise _fail_what(f"send to {dest[0]}:{dest[1]}")
+    return n

@@ -46,8 +46,14 @@ class Progress:
         self.fraction: float | None = None
         self.prefix = f"nodeagent {command}: " if command else "nodeagent: "
         self.failure_kind: str | None = None
+        self.note = None  # optional callable: a few more words for the line (a receiver's drop count)
 
     def line(self) -> str:
+        text = self._line()
+        extra = self.note() if self.note is not None else ""
+        return f"{text}, {extra}" if extra else text
+
+    def _line(self) -> str:
         elapsed = max(self.clock() - self.started, 1e-9)
         rate = self.done / elapsed / MiB
         if self.fraction is not None:  # progress known in other units (chunks of a network transfer)

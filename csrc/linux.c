@@ -316,3 +316,73 @@ int na_frx_scan(struct na_frx *rx)
     }
     return -1;
 }
+
+#ifndef UDP_SEGMENT
+#define UDP_SEGMENT 103
+#endif
+#ifndef SOL_UDP
+#define SOL_UDP 17
+#endif
+
+int na_frx_send_blocks(int fd, const unsigned char prefix[16], uint32_t dest_ip,
+                       int dest_port, int32_t chunk, int32_t block, int count,
+                       const unsigned char *data, int gso)
+{
+    enum { WIRE = FRX_BLOCK_LEN, MAX = 64 };
+    unsigned char head[MAX][FRX_HEAD];
+    struct iovec iov[2 * MAX];
+    struct mmsghdr msgs[MAX];
+    struct sockaddr_in to;
+    union { struct cmsghdr c; char space[CMSG_SPACE(sizeof(uint16_t))]; } ctl;
+    int sent = 0;
+
+    memset(&to, 0, sizeof to);
+    to.sin_family = AF_INET;
+    to.sin_addr.s_addr = dest_ip;
+    to.sin_port = htons((uint16_t)dest_port);
+    while (sent < count) {
+        int n = count - sent, i, rc;
+        if (n > (gso ? NA_FRX_GSO_MAX : MAX))
+            n = gso ? NA_FRX_GSO_MAX : MAX;
+        memset(msgs, 0, sizeof msgs);
+        for (i = 0; i < n; i++) {
+            int32_t tail[2] = { chunk, block + sent + i };
+            memcpy(head[i], prefix, 16);
+            memcpy(head[i] + 16, tail, 8);
+            iov[2 * i].iov_base = head[i];
+            iov[2 * i].iov_len = FRX_HEAD;
+            iov[2 * i + 1].iov_base = (void *)(data + (size_t)(sent + i) * 1024);
+            iov[2 * i + 1].iov_len = 1024;
+            msgs[i].msg_hdr.msg_name = &to;
+            msgs[i].msg_hdr.msg_namelen = sizeof to;
+            msgs[i].msg_hdr.msg_iov = &iov[2 * i];
+            msgs[i].msg_hdr.msg_iovlen = 2;
+        }
+        if (gso) {
+            /* One message whose payload the kernel (or the NIC) cuts into WIRE-byte datagrams. */
+            uint16_t size = WIRE;
+            msgs[0].msg_hdr.msg_iovlen = 2 * n;
+            memset(&ctl, 0, sizeof ctl);
+            msgs[0].msg_hdr.msg_control = ctl.space;
+            msgs[0].msg_hdr.msg_controllen = sizeof ctl.space;
+            ctl.c.cmsg_level = SOL_UDP;
+            ctl.c.cmsg_type = UDP_SEGMENT;
+            ctl.c.cmsg_len = CMSG_LEN(sizeof size);
+            memcpy(CMSG_DATA(&ctl.c), &size, sizeof size);
+            do {
+                rc = (int)sendmsg(fd, &msgs[0].msg_hdr, 0);
+            } while (rc < 0 && errno == EINTR);
+            rc = rc < 0 ? -1 : n;
+        } else {
+            do {
+                rc = sendmmsg(fd, msgs, (unsigned)n, 0);
+            } while (rc < 0 && errno == EINTR);
+        }
+        if (rc < 0)
+            return sent ? sent : -1;
+        sent += rc;
+        if (rc < n)
+            break;
+    }
+    return sent;
+}

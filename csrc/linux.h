@@ -41,6 +41,7 @@
 #include <linux/reboot.h>   /* LINUX_REBOOT_MAGIC1/2, LINUX_REBOOT_CMD_* */
 #include <linux/module.h>   /* MODULE_INIT_* (finit_module flags) */
 #include <sys/uio.h>        /* struct iovec (recvmmsg) */
+#include <netinet/udp.h>    /* UDP_SEGMENT */
 
 /* ---- block devices ------------------------------------------------------ */
 
@@ -184,5 +185,16 @@ int na_frx_recv(int fd, struct na_frx *rx);
 /* Take the armed BLOCKs from rx->next on: returns the index of the first
  * datagram left to the engine (next is past it), or -1 when the batch is done. */
 int na_frx_scan(struct na_frx *rx);
+
+/* Send count BLOCKs of chunk, blocks block, block + 1, ...: each the 16
+ * bytes of prefix (type, subtype, datalen, srcip, as the engine encodes
+ * them), chunk, its block number and its 1 KiB of data, to dest_ip
+ * (network order):dest_port.  gso: in UDP_SEGMENT sends of up to
+ * NA_FRX_GSO_MAX datagrams, else with sendmmsg.  Returns how many were sent
+ * (fewer when the send queue is full) or -1 (errno) when none was. */
+#define NA_FRX_GSO_MAX 62   /* 62 x 1048 bytes: within one 64 KiB UDP send */
+int na_frx_send_blocks(int fd, const unsigned char prefix[16], uint32_t dest_ip,
+                       int dest_port, int32_t chunk, int32_t block, int count,
+                       const unsigned char *data, int gso);
 
 #endif /* NODEAGENT_LINUX_H */

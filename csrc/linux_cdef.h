@@ -129,3 +129,8 @@ struct na_frx {
 
 int na_frx_recv(int fd, struct na_frx *rx);
 int na_frx_scan(struct na_frx *rx);
+
+#define NA_FRX_GSO_MAX ...
+int na_frx_send_blocks(int fd, const unsigned char prefix[16], uint32_t dest_ip,
+                       int dest_port, int32_t chunk, int32_t block, int count,
+                       const unsigned char *data, int gso);

@@ -17,6 +17,10 @@ from agent import linux
 from agent.frisbee import packets as P
 from agent.frisbee.client import ChunkComplete, Client
 from agent.frisbee.fastpath import feed_batch
+from agent.frisbee.net import open_endpoint
+from agent.frisbee.server import Server
+from conftest import needs_root
+from net_helpers import lan
 
 SERVER, FOREIGN, ME = "127.0.0.1", "127.0.0.3", "127.0.0.2"
 ROUND = 40  # datagrams sent before both sides read them (well inside both receive buffers)
@@ -238,3 +242,34 @@ def test_drop_counter_counts_what_the_socket_dropped():
     finally:
         receiver.close()
         sender.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the send side: Endpoint.send_blocks puts on the wire exactly the datagrams of Server.send_blocks
+
+
+@needs_root
+@pytest.mark.parametrize("gso", [True, False])
+@pytest.mark.parametrize("group", ["239.192.9.9", None])  # multicast, unicast
+def test_send_blocks_same_datagrams_as_the_engine(gso, group):
+    data = random.Random(3).randbytes(150 * 1024)  # more than one UDP_SEGMENT send and one sendmmsg batch
+    with lan(2) as (server_host, client_host):
+        addr = group or client_host.addr
+        receiver = client_host.call(lambda: open_endpoint("client", group or server_host.addr, 5400,
+                                                          client_host.addr, sockbuf=8 << 20))
+        sender = server_host.call(lambda: open_endpoint("server", addr, 5400, server_host.addr))
+        try:
+            sender._gso = gso
+            sender.send_blocks(P.block_prefix(sender.local_ip), 3, 7, data[: 143 * 1024])
+            sender.send_blocks(P.block_prefix(sender.local_ip), 4, 0, data[143 * 1024 :])
+            got = []
+            while (datagram := receiver.recv(1.0)) is not None:
+                got.append(datagram)
+            assert sender._gso == gso  # the veth takes UDP segmentation: no fallback
+        finally:
+            receiver.close()
+            sender.close()
+    engine = Server(10 * P.CHUNK_BYTES, server_host.addr, port=5400, session_addr=addr)
+    want = engine.send_blocks(3, 7, data[: 143 * 1024]) + engine.send_blocks(4, 0, data[143 * 1024 :])
+    assert [d for d, _ in got] == want
+    assert {source for _, source in got} == {(server_host.addr, 5400)}

@@ -74,6 +74,7 @@ class Endpoint:
     port: int  # the bound port (differs from the asked one only for port 0)
     _send_sock: socket.socket
     _socks: list[socket.socket] = field(default_factory=list)
+    _gso: bool = True  # UDP_SEGMENT in send_blocks until refused
 
     def send(self, datagram: bytes, to: str | None = None) -> None:
         """Send to the session address (or to one host, as frisbee's PacketReply), waiting while the send queue
@@ -94,6 +95,32 @@ class Endpoint:
                 else:
                     raise NetworkError(f"send to {target[0]}:{target[1]}: {err.strerror}") from None
             time.sleep(NOBUF_DELAY)
+
+    def send_blocks(self, prefix: bytes, chunk: int, block: int, data: bytes) -> None:
+        """A run of BLOCKs to the session address in batches (linux.send_frisbee_blocks; prefix: what the engine
+        puts before chunk and block), with UDP segmentation offload until the kernel or the route refuses it, and
+        as send() does when the send queue is full or the network reports a datagram undeliverable."""
+        view = memoryview(data)
+        sent = 0
+        while sent < len(data):
+            try:
+                n = linux.send_frisbee_blocks(
+                    self._send_sock, prefix, self.dest, chunk, block + sent // 1024, view[sent:], self._gso
+                )
+            except LinuxError as err:
+                if self._gso and err.errno in (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP):
+                    self._gso = False  # this kernel, device or route does not segment UDP: one datagram each
+                    continue
+                if err.errno in (errno.EAGAIN, errno.ENOBUFS):
+                    n = 0
+                elif err.errno in _PEER_ERRORS:
+                    _drain_errors(self._send_sock)
+                    n = 1  # that datagram is lost, as in send()
+                else:
+                    raise NetworkError(f"send to {self.dest[0]}:{self.dest[1]}: {os.strerror(err.errno)}") from None
+            sent += n * 1024
+            if not n:
+                time.sleep(NOBUF_DELAY)
 
     def recv(self, timeout: float | None) -> tuple[bytes, tuple[str, int]] | None:
         """The next datagram and its (ip, port), or None after timeout seconds (None: wait; 0: just look)."""

@@ -333,6 +333,11 @@ def encode_blocks(chunk: int, first: int, data: bytes, srcip: str) -> list[bytes
     ]
 
 
+def block_prefix(srcip: str) -> bytes:
+    """The first 16 bytes of every BLOCK encode_blocks makes for srcip (for a sender that builds the rest)."""
+    return _block_header(srcip)
+
+
 @functools.lru_cache(maxsize=64)
 def _block_header(srcip: str) -> bytes:
     return HEADER.pack(REQUEST_TYPE, BLOCK, _BLOCK.size + BLOCK_SIZE, _packed_ip(srcip))

@@ -13,9 +13,10 @@ import threading
 import time
 from typing import Callable
 
+from .. import linux
 from ..errors import NodeagentError, SourceError
 from .net import Endpoint, open_endpoint
-from .packets import BLOCK_SIZE, CHUNK_BYTES, total_blocks
+from .packets import BLOCK_SIZE, CHUNK_BYTES, block_prefix, total_blocks
 from .server import (
     BadPacket,
     BlocksDue,
@@ -31,7 +32,6 @@ from .server import (
 )
 
 MAX_FILE_BYTES = (2**31 - 1) * BLOCK_SIZE  # JOIN's block count is an int32
-READ_BLOCKS = 32  # blocks per pread, as frisbeed's SERVER_READ_SIZE
 RECV_BATCH = 64  # datagrams taken between two timer calls, so a flood of requests cannot starve sending
 BAD_PACKETS_LOGGED = 10  # and as many requests outside the file: a client (or a forger) cannot flood the log
 STOP_CHECK = 0.1  # seconds between looks at the stop event while idle
@@ -55,12 +55,15 @@ def serve(
     reuse_addr: bool = False,
     stop: threading.Event | None = None,
     on_ready: Callable[[Endpoint], None] | None = None,
+    batched: bool = True,
 ) -> dict[str, int]:
     """Serve the file at path to frisbee clients of addr:port until idle (frisbeed -m addr -p port [-i ifaddr]
     [-b] [-W bandwidth] [-T idle_timeout]). bandwidth: bits/s, None = frisbeed's default, 0 = unlimited.
     idle_timeout: seconds without requests (0: never; negative: 2 s after the last client leaves).
     loop/reuse_addr: hear our own multicast and share the port (tests with clients on the same host).
     stop: ends the loop when set. on_ready: called with the endpoint once bound (port 0 picks a free port).
+    batched: send BLOCKs in batches from C when the compiled module is there (False: the engine's datagrams one
+    by one, the reference).
     Returns the scheduler's counters. Raises NodeagentError."""
     if bandwidth is not None and bandwidth < 0:
         raise NodeagentError(f"bandwidth must be 0 (unlimited) or more bits/s, not {bandwidth}")
@@ -78,7 +81,7 @@ def serve(
                 size, endpoint.local_ip, port=endpoint.port, session_addr=endpoint.dest[0], pacing=pacing,
                 idle_timeout=idle_timeout, now=time.monotonic(),
             )
-            session = _Session(path, fd, size, endpoint, server, log)
+            session = _Session(path, fd, size, endpoint, server, log, batched)
             session.run(stop)
             log(f"Exiting: {session.summary()}")
             return dict(server.stats)
@@ -123,12 +126,13 @@ def log_line(event) -> str | None:
 class _Session:
     """Drives the Server engine on real time: the socket, the file and the log."""
 
-    def __init__(self, path: str, fd: int, size: int, endpoint: Endpoint, server: Server, log):
+    def __init__(self, path: str, fd: int, size: int, endpoint: Endpoint, server: Server, log, batched: bool):
         self.path, self.fd, self.size = path, fd, size
         self.endpoint, self.server, self.log = endpoint, server, log
         self.logged = {BadPacket: 0, RequestOutsideFile: 0}  # capped kinds (ForgedSource counts as BadPacket)
         self.started = time.monotonic()
         self.over = False
+        self.batched = linux.available() and batched
 
     def run(self, stop: threading.Event | None) -> None:
         endpoint, server = self.endpoint, self.server
@@ -176,15 +180,15 @@ class _Session:
                 self.log(line)
 
     def _send_blocks(self, due: BlocksDue) -> None:
-        """Read the run with one pread per READ_BLOCKS blocks and send the engine's BLOCK datagrams for them."""
-        chunk, block, end = due.chunk, due.block, due.block + due.count
-        send = self.endpoint.send
-        while block < end:
-            n = min(READ_BLOCKS, end - block)
-            data = self._read(chunk * CHUNK_BYTES + block * BLOCK_SIZE, n * BLOCK_SIZE)
-            for datagram in self.server.send_blocks(chunk, block, data):
-                send(datagram)
-            block += n
+        """Read the run with one pread and send its BLOCKs: in batches from C (the engine's encoding, checked
+        against send_blocks() by the tests), or the engine's datagrams one by one without the compiled module."""
+        chunk, block = due.chunk, due.block
+        data = self._read(chunk * CHUNK_BYTES + block * BLOCK_SIZE, due.count * BLOCK_SIZE)
+        if self.batched:
+            self.endpoint.send_blocks(block_prefix(self.server.myip), chunk, block, data)
+            return
+        for datagram in self.server.send_blocks(chunk, block, data):
+            self.endpoint.send(datagram)
 
     def _read(self, offset: int, length: int) -> bytes:
         want = min(length, self.size - offset)
