@@ -472,6 +472,7 @@ class FrisbeeBatch:
         self._rx = self._ffi.new("struct na_frx *")
         self._rx.chunk = -1
         self._keep = None  # the armed chunk buffer's cdata: keeps the pointer valid
+        self._server_ip: str | None = None
         self.size = int(lib.NA_FRX_SIZE)
 
     def recv(self, sock: FD) -> int:
@@ -495,7 +496,9 @@ class FrisbeeBatch:
             nblocks: int, chunk_bytes: int, run_top: int) -> None:
         """Let the scan take BLOCKs of `chunk` from server_ip:server_port (None: any port) into `buffer`."""
         rx, ffi = self._rx, self._ffi
-        rx.server_ip = int.from_bytes(ipaddress.IPv4Address(server_ip).packed, sys.byteorder)
+        if server_ip != self._server_ip:  # armed a few times per chunk: parse the address once
+            rx.server_ip = int.from_bytes(ipaddress.IPv4Address(server_ip).packed, sys.byteorder)
+            self._server_ip = server_ip
         rx.server_port = -1 if server_port is None else server_port
         self._keep = ffi.from_buffer(buffer)
         rx.buf = self._keep

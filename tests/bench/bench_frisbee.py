@@ -6,14 +6,18 @@ Prints, with medians of --runs runs:
 - receive throughput from `nodeagent serve -W 0` (unlimited) beside `nodeagent image FILE` of the same image;
 - wall time (from the server's start; the receivers are already waiting) for 16 receivers against 1 receiver at 50 Mbit/s (`-W 50000000`, ORBIT's production setting),
   where the network and not the 2 shared cores is the limit (goal: at most 1.1 times);
-- blocks the server sent per block the image has, for one receiver behind 10% packet loss.
+- blocks the server sent per block the image has, for one receiver behind 10% packet loss;
+- with NODEAGENT_FRISBEE/NODEAGENT_FRISBEED (the real Emulab programs): our client and the real one from an
+  unlimited frisbeed and from `nodeagent serve -W 0`, their times, ratios and CPU seconds per received GiB.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -83,6 +87,65 @@ def transfer(image: Path, receivers: int, work: Path, port: int, bandwidth: str,
     return elapsed, log.decode()
 
 
+FRISBEE = os.environ.get("NODEAGENT_FRISBEE", "")
+FRISBEED = os.environ.get("NODEAGENT_FRISBEED", "")
+
+
+def race(image: Path, work: Path, port: int, server: str, client: str, bandwidth: str = "0") -> tuple[float, float, float]:
+    """One receiver: (wall time from the server's start, the receiver's CPU seconds, the server's). server: "ours" (`nodeagent
+    serve`) or "frisbeed"; client: "ours" (`nodeagent image`) or "frisbee" (the real C client)."""
+    out = work / "race.img"
+    with lan(2) as (srv_host, host):
+        if client == "ours":
+            argv = host.nodeagent("image", "-q", "-m", GROUP, "-p", port, "-i", host.addr, "-T", "60", out)
+        else:
+            argv = host.cmd(FRISBEE, "-m", GROUP, "-p", port, "-i", host.addr, "-T", "60", out)
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        proc = host.popen(argv)
+        time.sleep(1)
+        start = time.perf_counter()
+        if server == "ours":
+            sargv = srv_host.nodeagent("serve", "-m", GROUP, "-p", port, "-i", srv_host.addr, "-W", bandwidth, "-T", "3", image)
+        else:
+            sargv = srv_host.cmd(FRISBEED, "-m", GROUP, "-p", port, "-i", srv_host.addr, "-W", bandwidth, "-T", "3", image)
+        srv = srv_host.popen(sargv)
+        _, err = proc.communicate(timeout=900)
+        elapsed = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the server is still running: not counted
+        if proc.returncode:
+            raise SystemExit(f"{client} receiver failed: {err.decode()}")
+        srv.terminate()
+        srv.communicate(timeout=60)
+        end = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out.unlink()
+    cpu = [r.ru_utime + r.ru_stime for r in (before, after, end)]
+    return elapsed, cpu[1] - cpu[0], cpu[2] - cpu[1]
+
+
+FRISBEED_UNLIMITED = "10000000000"  # frisbeed -W 0 sends one block per clock tick; 10 Gbit/s is its own "no cap"
+
+
+def versus(work: Path, runs: int) -> None:
+    """Our client and server beside the real ones, one receiver, no bandwidth limit, on the same image."""
+    image = make_image(work, 128, 3, mixed=False)  # cheap to decode: the clients' receive paths are compared
+    gib = image.stat().st_size / (1 << 30)
+    med = statistics.median
+    rows = {}
+    for server, client in (("frisbeed", "frisbee"), ("frisbeed", "ours"), ("ours", "frisbee"), ("ours", "ours")):
+        bandwidth = FRISBEED_UNLIMITED if server == "frisbeed" else "0"
+        got = [race(image, work, 5110, server, client, bandwidth) for _ in range(runs)]
+        rows[server, client] = med(g[0] for g in got), med(g[1] for g in got), med(g[2] for g in got)
+    print(f"image of {gib * 1024:.0f} MiB, one receiver, unlimited server (frisbeed -W {FRISBEED_UNLIMITED}, "
+          f"nodeagent serve -W 0):")
+    for (server, client), (secs, cpu, _) in rows.items():
+        print(f"  {server:8} -> {client:7}  {secs:6.2f} s  {gib * 1024 / secs:6.1f} MiB/s  "
+              f"client CPU {cpu / gib:5.2f} s per GiB")
+    ours, real = rows["frisbeed", "ours"][0], rows["frisbeed", "frisbee"][0]
+    print(f"  from frisbeed: our client takes {ours / real:.2f} x the real client's time (goal <= 0.8)")
+    by_us, by_them = rows["ours", "frisbee"][0], rows["frisbeed", "frisbee"][0]
+    print(f"  the real client: from our server {by_us / by_them:.2f} x its time from frisbeed (goal <= 1.0)")
+
+
 def blocks_sent(log: str) -> int:
     match = re.search(r"(\d+) blocks? sent", log) or re.search(r"sent (\d+) blocks", log)
     if not match:
@@ -104,6 +167,11 @@ def main() -> None:
     print(f"image of {size:.0f} MiB ({big.stat().st_size // 1024} blocks)")
     print(f"  nodeagent image FILE        {med(file_t):6.2f} s  {size / med(file_t):7.1f} MiB/s of image")
     print(f"  frisbee, unlimited server   {med(net_t):6.2f} s  {size / med(net_t):7.1f} MiB/s   ratio {med(file_t) / med(net_t):.2f}")
+
+    if FRISBEE and FRISBEED:
+        versus(work, args.runs)
+    else:
+        print("(set NODEAGENT_FRISBEE and NODEAGENT_FRISBEED for the rows against the real frisbee)")
 
     small = make_image(work, 20, 2, mixed=False)
     one = [transfer(small, 1, work, 5101, "50000000")[0] for _ in range(args.runs)]
