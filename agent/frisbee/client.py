@@ -3,7 +3,9 @@
 The shell owns the socket and the clock: it calls `start` once, feeds every datagram to `receive`, calls `timer`
 when `next_deadline` has passed, sends `outgoing()` and calls `chunk_taken` once a completed chunk has left its
 hands. `server_block` is the seam for a receive fast path that parses BLOCKs itself (they are nearly all of the
-traffic): it takes a BLOCK already known to be well formed and from our server.
+traffic): it takes a BLOCK already known to be well formed and from our server. `fast_target` and `fast_blocks`
+serve one that also stores them (fastpath.py, in C): the engine names the one chunk whose blocks it may copy and
+mark, and accounts for them afterwards exactly as receive() would have.
 
 What it does, as frisbee does it:
   * JOIN: JOIN2 and JOIN v1 every 500 ms until the first reply; the server that answers is the only one whose
