@@ -656,13 +656,15 @@ def cli_restore_sha(tmp_path, run_cli):
 
 
 @needs_root
-def test_frisbee_source_unicast_from_our_server(tmp_path, cli_restore_sha):
+@pytest.mark.parametrize("fast", [True, False])  # the receive fast path in C, and the pure-Python reference
+def test_frisbee_source_unicast_from_our_server(tmp_path, cli_restore_sha, fast):
     image = FIXTURES / "fsA-raw-v3.ndz"
     with lan(2) as (server_host, client_host):
         # Unicast: the server's -m is the client's address, the client's the server's.
         server = _OurServer(server_host.ns, image, client_host.addr, 5101, server_host.addr, bandwidth=200_000_000)
         try:
-            source = client_host.call(lambda: FrisbeeSource(server_host.addr, 5101, idle_timeout=10))
+            source = client_host.call(lambda: FrisbeeSource(server_host.addr, 5101, idle_timeout=10, fast=fast))
+            assert (source.drops is not None) == fast
             index, area = source.preflight()
             assert index == 6 and area == image.read_bytes()[6 * MiB : 6 * MiB + 4096]
             result = _restore_from(source, tmp_path / "out.img")

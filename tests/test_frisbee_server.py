@@ -566,9 +566,10 @@ def odd_file(tmp_path) -> tuple[Path, bytes]:
     return path, data
 
 
-def test_serve_delivers_the_file_bytes(odd_file):
+@pytest.mark.parametrize("batched", [True, False])  # BLOCKs sent in batches from C, or the engine's one by one
+def test_serve_delivers_the_file_bytes(odd_file, batched):
     path, data = odd_file
-    with serving(path, free_port()) as (client, result, lines):
+    with serving(path, free_port(), batched=batched) as (client, result, lines):
         reply, ip = client.join(Join2(4242, 0, 1024, 1024, 0, False))
         assert (reply, ip) == (Join2(4242, 0, 1024, 1024, SIZE, True), SERVER_IP)
         reply, _ = client.join(Join(4242))
@@ -588,9 +589,10 @@ def test_serve_delivers_the_file_bytes(odd_file):
     assert result["stats"]["blocks"] >= 3077
 
 
-def test_serve_unlimited_and_single_chunk(odd_file):
+@pytest.mark.parametrize("batched", [True, False])
+def test_serve_unlimited_and_single_chunk(odd_file, batched):
     path, data = odd_file
-    with serving(path, free_port(), bandwidth=0) as (client, result, lines):
+    with serving(path, free_port(), bandwidth=0, batched=batched) as (client, result, lines):
         got = client.fetch(SIZE, [2])
     assert assemble(got, SIZE) == data[2 * CHUNK_BYTES : 3 * CHUNK_BYTES]
 
