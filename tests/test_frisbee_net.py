@@ -5,8 +5,8 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import socket
 import re
+import socket
 import subprocess
 import time
 from pathlib import Path
